@@ -1,0 +1,63 @@
+"""Ergon's Python SDK: define flows, run workers, schedule and follow flows over gRPC.
+
+from ergon_worker_sdk import flow_type, flow, step, Client, Scheduler, Worker, RetryPolicy
+"""
+
+from ergon_worker_sdk._client import (
+    Client,
+    FlowError,
+    FlowOutcome,
+    FlowStatus,
+    JournalEntry,
+    Scheduler,
+)
+from ergon_worker_sdk._context import FlowContext, current_context
+from ergon_worker_sdk._definitions import RetryPolicy, flow, flow_type, step
+from ergon_worker_sdk._worker import Worker, WorkerHandle
+from ergon_worker_sdk.converter import JsonConverter, PayloadConverter, PickleConverter
+from ergon_worker_sdk.errors import (
+    ErgonError,
+    FlowAlreadyScheduledError,
+    FlowClosedError,
+    FlowNotFoundError,
+    HistoryMismatchError,
+    LeaseLostError,
+    NonRetryableError,
+    PayloadTooLargeError,
+    RpcError,
+    ServerUnavailableError,
+    StepFailedError,
+    UnknownFlowTypeError,
+)
+
+__all__ = [
+    "Client",
+    "ErgonError",
+    "FlowAlreadyScheduledError",
+    "FlowClosedError",
+    "FlowContext",
+    "FlowError",
+    "FlowNotFoundError",
+    "FlowOutcome",
+    "FlowStatus",
+    "HistoryMismatchError",
+    "JournalEntry",
+    "JsonConverter",
+    "LeaseLostError",
+    "NonRetryableError",
+    "PayloadConverter",
+    "PayloadTooLargeError",
+    "PickleConverter",
+    "RetryPolicy",
+    "RpcError",
+    "Scheduler",
+    "ServerUnavailableError",
+    "StepFailedError",
+    "UnknownFlowTypeError",
+    "Worker",
+    "WorkerHandle",
+    "current_context",
+    "flow",
+    "flow_type",
+    "step",
+]

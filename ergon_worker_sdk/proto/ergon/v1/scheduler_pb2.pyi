@@ -138,23 +138,61 @@ Global___ScheduleFlowsRequest: _TypeAlias = ScheduleFlowsRequest  # noqa: Y015
 class ScheduleFlowsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    RESPONSES_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScheduleFlowResponse]:
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScheduleFlowsResult]:
         """One per request, in order."""
 
     def __init__(
         self,
         *,
-        responses: _abc.Iterable[Global___ScheduleFlowResponse] | None = ...,
+        results: _abc.Iterable[Global___ScheduleFlowsResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["responses", b"responses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ScheduleFlowsResponse: _TypeAlias = ScheduleFlowsResponse  # noqa: Y015
+
+@_typing.final
+class ScheduleFlowsResult(_message.Message):
+    """The answer to one item of a batch: the batch is not atomic across items, so each says
+    whether it was scheduled.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FLOW_ID_FIELD_NUMBER: _builtins.int
+    EXISTING_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    flow_id: _builtins.str
+    existing: _builtins.bool
+    code: _builtins.int
+    """0 (OK) when scheduled or existing; 6 (ALREADY_EXISTS) when the flow_id is taken by another
+    flow, and nothing was written for this item.
+    """
+    reason: _builtins.str
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        flow_id: _builtins.str = ...,
+        existing: _builtins.bool = ...,
+        code: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "existing", b"existing", "flow_id", b"flow_id", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleFlowsResult: _TypeAlias = ScheduleFlowsResult  # noqa: Y015
 
 @_typing.final
 class GetFlowRequest(_message.Message):

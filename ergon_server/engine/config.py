@@ -1,0 +1,39 @@
+"""Tunables of the engine, with production defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How the engine behaves.
+
+    Attributes:
+        lease_ttl_ms: A flow's lease lapses this long after its session's last heartbeat; the
+            flow is then re-queued with a new token.
+        heartbeat_interval_ms: How often workers must heartbeat (and the server pings).
+        expiry_scan_interval_ms: How often expired leases are looked for.
+        dispatch_poll_interval_ms: Longest the dispatcher sleeps without being woken (a safety
+            net; it is woken on every schedule, completion and registration).
+        max_payload_bytes: Largest payload (input, result, signal) accepted, serialized.
+        allow_unregistered_flow_types: Accept flows of types no worker ever registered.
+        max_wait_ms: Longest a WaitFlow long-poll is held.
+    """
+
+    lease_ttl_ms: int = 15_000
+    heartbeat_interval_ms: int = 5_000
+    expiry_scan_interval_ms: int = 1_000
+    dispatch_poll_interval_ms: int = 1_000
+    max_payload_bytes: int = 2 * 1024 * 1024
+    allow_unregistered_flow_types: bool = False
+    max_wait_ms: int = 60_000
+
+    def __post_init__(self) -> None:
+        if self.lease_ttl_ms <= 0 or self.heartbeat_interval_ms <= 0:
+            raise ValueError("lease TTL and heartbeat interval must be positive")
+        if self.heartbeat_interval_ms * 2 > self.lease_ttl_ms:
+            raise ValueError(
+                "the heartbeat interval must be at most half the lease TTL, "
+                f"got {self.heartbeat_interval_ms} ms and {self.lease_ttl_ms} ms"
+            )

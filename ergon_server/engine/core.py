@@ -1,0 +1,464 @@
+"""The engine: what the server does, independent of gRPC.
+
+`Engine` answers clients (schedule, read, wait, cancel, signal) and workers (sessions, step
+results, completions), and runs the background loops: dispatch, lease expiry and pings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Sequence
+
+from ergon_server.clock import Clock
+from ergon_server.engine.config import EngineConfig
+from ergon_server.engine.dispatcher import Dispatcher
+from ergon_server.engine.sessions import (
+    CODE_UNAVAILABLE,
+    AckOut,
+    CapacityIn,
+    DrainOut,
+    FlowFinishIn,
+    HeartbeatIn,
+    PingOut,
+    ReleaseIn,
+    Session,
+    StepResultIn,
+    WorkerEventIn,
+)
+from ergon_server.errors import (
+    AlreadyExistsError,
+    ErgonError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
+from ergon_server.model import (
+    CancelOutcome,
+    FlowPage,
+    FlowRecord,
+    FlowStatus,
+    JournalRecord,
+    Lease,
+    NewFlow,
+    ScheduleOutcome,
+    ScheduleResult,
+    SignalOutcome,
+    SignalResult,
+    WriteOutcome,
+)
+from ergon_server.storage.base import Store
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+MAX_ID_LENGTH = 256
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+
+
+def validate_id(value: str, what: str, *, allow_empty: bool = False) -> None:
+    """Refuse ids that are empty, too long or hold control characters."""
+    if not value:
+        if allow_empty:
+            return
+        raise InvalidArgumentError(f"{what} must not be empty", "INVALID_ID")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidArgumentError(
+            f"{what} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}", "INVALID_ID"
+        )
+    if not value.isprintable():
+        raise InvalidArgumentError(f"{what} must not hold control characters", "INVALID_ID")
+
+
+class Engine:
+    """Flows, dispatch, leases and signals over a `Store`."""
+
+    def __init__(self, store: Store, clock: Clock, config: EngineConfig | None = None) -> None:
+        self.store = store
+        self.clock = clock
+        self.config = config or EngineConfig()
+        self.dispatcher = Dispatcher(store, clock, self.config)
+        self._known_types: set[str] = set()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._runner: asyncio.Task[None] | None = None
+        self.draining = False
+
+    # ----------------------------------------------------------------- life cycle
+
+    async def start(self) -> None:
+        """Start the background loops."""
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._run(), name="ergon-engine")
+
+    async def _run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.dispatcher.run(), name="ergon-dispatch")
+            group.create_task(self._expiry_loop(), name="ergon-lease-expiry")
+            group.create_task(self._ping_loop(), name="ergon-ping")
+
+    async def drain(self) -> None:
+        """Tell every worker to go away and refuse new sessions; leases stay for a reconnect."""
+        self.draining = True
+        for session in self.dispatcher.sessions:
+            session.send(DrainOut())
+            self.dispatcher.remove(session)
+
+    async def shutdown(self) -> None:
+        """Stop the loops. Idempotent, safe before start."""
+        await self.drain()
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+            self._runner = None
+        for futures in self._waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.cancel()
+        self._waiters.clear()
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.expiry_scan_interval_ms / 1000)
+            try:
+                expired = await self.store.expire_leases(self.clock.now_ms())
+            except ErgonError as error:
+                log.warning("lease expiry scan failed: %s", error.message)
+                continue
+            for flow_id in expired:
+                log.info("lease on flow %s expired; re-queued", flow_id)
+                self.dispatcher.revoke(flow_id, "LEASE_EXPIRED")
+            if expired:
+                self.dispatcher.wake()
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval_ms / 1000)
+            for session in self.dispatcher.sessions:
+                session.send(PingOut())
+
+    # ----------------------------------------------------------------- clients
+
+    async def _check_flow_types(self, flow_types: set[str]) -> None:
+        if self.config.allow_unregistered_flow_types:
+            return
+        unknown = flow_types - self._known_types
+        if unknown:
+            self._known_types |= await self.store.known_flow_types(sorted(unknown))
+            unknown -= self._known_types
+        if unknown:
+            names = ", ".join(repr(t) for t in sorted(unknown))
+            raise NotFoundError(
+                f"no worker has registered flow type {names}; start a worker for it first "
+                "(or run the server with --allow-unregistered-flow-types)",
+                "UNKNOWN_FLOW_TYPE",
+            )
+
+    def _check_new_flow(self, flow: NewFlow) -> NewFlow:
+        validate_id(flow.flow_id, "flow_id", allow_empty=True)
+        validate_id(flow.flow_type, "flow_type")
+        validate_id(flow.request_id, "request_id", allow_empty=True)
+        if not flow.flow_id:
+            return NewFlow(
+                flow_id=uuid.uuid4().hex,
+                flow_type=flow.flow_type,
+                input=flow.input,
+                request_id=flow.request_id,
+                start_at=flow.start_at,
+                retry_policy=flow.retry_policy,
+                labels=flow.labels,
+            )
+        return flow
+
+    async def schedule_flows(self, flows: Sequence[NewFlow]) -> list[ScheduleResult]:
+        """Schedule flows; a taken flow_id comes back with outcome CONFLICT."""
+        checked = [self._check_new_flow(f) for f in flows]
+        await self._check_flow_types({f.flow_type for f in checked})
+        results = await self.store.schedule_flows(checked, self.clock.now_ms())
+        if any(r.outcome is ScheduleOutcome.CREATED for r in results):
+            self.dispatcher.wake()
+        return results
+
+    async def schedule_flow(self, flow: NewFlow) -> ScheduleResult:
+        """Schedule one flow; a flow_id taken by another flow raises AlreadyExistsError."""
+        (result,) = await self.schedule_flows([flow])
+        if result.outcome is ScheduleOutcome.CONFLICT:
+            raise AlreadyExistsError(
+                f"flow {result.flow_id!r} is already scheduled with a different type or input"
+            )
+        return result
+
+    async def get_flow(self, flow_id: str) -> FlowRecord:
+        """The flow, or NotFoundError."""
+        validate_id(flow_id, "flow_id")
+        record = await self.store.get_flow(flow_id)
+        if record is None:
+            raise NotFoundError(f"flow {flow_id!r} does not exist")
+        return record
+
+    async def wait_flow(self, flow_id: str, timeout_ms: int) -> tuple[bool, FlowRecord]:
+        """Wait until the flow is terminal or the timeout passes; (done, flow)."""
+        if timeout_ms < 0:
+            raise InvalidArgumentError("timeout_ms must not be negative", "INVALID_TIMEOUT")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(timeout_ms, self.config.max_wait_ms) / 1000
+        while True:
+            record = await self.get_flow(flow_id)
+            remaining = deadline - loop.time()
+            if record.status.terminal or remaining <= 0:
+                return record.status.terminal, record
+            future: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(flow_id, []).append(future)
+            try:
+                # Re-read now and then: another replica may have ended the flow.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(remaining, 1.0)):
+                        await future
+            finally:
+                waiters = self._waiters.get(flow_id, [])
+                if future in waiters:
+                    waiters.remove(future)
+                if not waiters:
+                    self._waiters.pop(flow_id, None)
+
+    def _notify(self, flow_id: str) -> None:
+        for future in self._waiters.pop(flow_id, []):
+            if not future.done():
+                future.set_result(None)
+
+    async def list_flows(
+        self,
+        statuses: Sequence[FlowStatus],
+        flow_type: str | None,
+        page_size: int,
+        cursor: int | None,
+    ) -> FlowPage:
+        """One page of flows; page_size 0 means the default."""
+        if page_size < 0:
+            raise InvalidArgumentError("page_size must not be negative", "INVALID_PAGE_SIZE")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        return await self.store.list_flows(statuses, flow_type, size, cursor)
+
+    async def get_history(
+        self, flow_id: str, after_sequence: int, page_size: int
+    ) -> list[JournalRecord]:
+        """One page of a flow's journal."""
+        await self.get_flow(flow_id)
+        if page_size < 0:
+            raise InvalidArgumentError("page_size must not be negative", "INVALID_PAGE_SIZE")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        return await self.store.get_history(flow_id, after_sequence, size)
+
+    async def cancel_flow(self, flow_id: str, reason: str) -> FlowRecord:
+        """Cancel a flow that has not ended; its worker is told to stop."""
+        validate_id(flow_id, "flow_id")
+        outcome = await self.store.cancel_flow(flow_id, reason, self.clock.now_ms())
+        if outcome is CancelOutcome.NOT_FOUND:
+            raise NotFoundError(f"flow {flow_id!r} does not exist")
+        if outcome is CancelOutcome.CLOSED:
+            raise FailedPreconditionError(f"flow {flow_id!r} has already ended", "FLOW_CLOSED")
+        self.dispatcher.revoke(flow_id, "CANCELLED")
+        self._notify(flow_id)
+        return await self.get_flow(flow_id)
+
+    @staticmethod
+    def _signal_error(flow_id: str, result: SignalResult) -> ErgonError | None:
+        if result.outcome is SignalOutcome.NOT_FOUND:
+            return NotFoundError(f"flow {flow_id!r} does not exist")
+        if result.outcome is SignalOutcome.CLOSED:
+            return FailedPreconditionError(
+                f"flow {flow_id!r} has already ended; it takes no more signals", "FLOW_CLOSED"
+            )
+        return None
+
+    async def send_signal(self, flow_id: str, name: str, payload: bytes, request_id: str) -> int:
+        """Append a signal to the flow's mailbox; returns its sequence."""
+        validate_id(flow_id, "flow_id")
+        validate_id(name, "signal name")
+        validate_id(request_id, "request_id", allow_empty=True)
+        result = await self.store.send_signal(
+            flow_id, name, payload, request_id, self.clock.now_ms()
+        )
+        error = self._signal_error(flow_id, result)
+        if error is not None:
+            raise error
+        return result.sequence
+
+    async def signal_with_schedule(
+        self, flow: NewFlow, name: str, payload: bytes
+    ) -> tuple[ScheduleResult, int]:
+        """Schedule the flow if it does not exist and deliver a signal to it, atomically."""
+        checked = self._check_new_flow(flow)
+        validate_id(name, "signal name")
+        await self._check_flow_types({checked.flow_type})
+        scheduled, signalled = await self.store.signal_with_schedule(
+            checked, name, payload, self.clock.now_ms()
+        )
+        if scheduled.outcome is ScheduleOutcome.CONFLICT:
+            raise AlreadyExistsError(
+                f"flow {scheduled.flow_id!r} is already scheduled with a different type or input"
+            )
+        error = self._signal_error(checked.flow_id, signalled)
+        if error is not None:
+            raise error
+        self.dispatcher.wake()
+        return scheduled, signalled.sequence
+
+    # ----------------------------------------------------------------- workers
+
+    async def open_session(
+        self,
+        worker_id: str,
+        flow_types: Sequence[str],
+        capacity: int,
+        protocol_version: int,
+        held: Sequence[Lease],
+    ) -> tuple[Session, list[str]]:
+        """Register a worker stream; returns the session and the re-attached flow ids."""
+        if self.draining:
+            raise UnavailableError("the server is shutting down", "DRAINING")
+        validate_id(worker_id, "worker_id")
+        if not flow_types:
+            raise InvalidArgumentError("a worker must register at least one flow type")
+        for flow_type in flow_types:
+            validate_id(flow_type, "flow_type")
+        if capacity <= 0:
+            raise InvalidArgumentError(f"capacity must be positive, got {capacity}")
+        if protocol_version != PROTOCOL_VERSION:
+            raise FailedPreconditionError(
+                f"this server speaks worker protocol {PROTOCOL_VERSION}, "
+                f"the worker speaks {protocol_version}",
+                "PROTOCOL_VERSION",
+            )
+        now = self.clock.now_ms()
+        types = tuple(dict.fromkeys(flow_types))
+        await self.store.register_flow_types(types, now)
+        self._known_types.update(types)
+        session = Session(uuid.uuid4().hex, worker_id, types, capacity)
+        reattached: list[str] = []
+        if held:
+            reattached = await self.store.reattach_leases(
+                session.session_id, held, now + self.config.lease_ttl_ms, now
+            )
+        tokens = {lease.flow_id: lease.lease_token for lease in held}
+        for flow_id in reattached:
+            # A lease held by another live session of ours moves with the worker.
+            self.dispatcher.forget(flow_id)
+        self.dispatcher.add(session, [(f, tokens[f]) for f in reattached])
+        log.info(
+            "worker %s connected: session %s, types %s, capacity %d, %d leases re-attached",
+            worker_id,
+            session.session_id,
+            ",".join(types),
+            capacity,
+            len(reattached),
+        )
+        return session, reattached
+
+    def close_session(self, session: Session) -> None:
+        """The worker's stream ended; its leases wait for a reconnect or their expiry."""
+        if session.session_id in {s.session_id for s in self.dispatcher.sessions}:
+            log.info(
+                "worker %s disconnected: session %s, %d flows in flight",
+                session.worker_id,
+                session.session_id,
+                len(session.held),
+            )
+        self.dispatcher.remove(session)
+
+    async def handle_worker_events(self, session: Session, events: Sequence[WorkerEventIn]) -> None:
+        """Apply a message's worker events and queue their acks."""
+        steps = [e for e in events if isinstance(e, StepResultIn)]
+        finishes = [e for e in events if isinstance(e, FlowFinishIn)]
+        releases = [e for e in events if isinstance(e, ReleaseIn)]
+        others = [e for e in events if isinstance(e, HeartbeatIn | CapacityIn)]
+        jobs = []
+        if steps:
+            jobs.append(self._record_steps(session, steps))
+        if finishes:
+            jobs.append(self._finish_flows(session, finishes))
+        if releases:
+            jobs.append(self._release_flows(session, releases))
+        for event in others:
+            jobs.append(self._control(session, event))
+        await asyncio.gather(*jobs)
+
+    def _refuse(self, session: Session, seqs: Sequence[int], error: ErgonError) -> None:
+        code = CODE_UNAVAILABLE if isinstance(error, UnavailableError) else 13
+        log.warning("worker %s: events refused: %s", session.worker_id, error.message)
+        for seq in seqs:
+            if seq:
+                session.send(AckOut(seq, code, error.reason, error.message))
+
+    def _ack_fenced(
+        self, session: Session, seq: int, flow_id: str, lease_token: int, outcome: WriteOutcome
+    ) -> None:
+        if outcome is WriteOutcome.LEASE_LOST:
+            log.info("worker %s lost its lease on flow %s", session.worker_id, flow_id)
+            self.dispatcher.forget(flow_id, lease_token)
+        if seq:
+            session.send(AckOut.for_outcome(seq, outcome, flow_id))
+
+    async def _record_steps(self, session: Session, events: list[StepResultIn]) -> None:
+        try:
+            outcomes = await self.store.record_steps(
+                [e.record for e in events], self.clock.now_ms()
+            )
+        except ErgonError as error:
+            self._refuse(session, [e.seq for e in events], error)
+            return
+        for event, outcome in zip(events, outcomes, strict=True):
+            record = event.record
+            self._ack_fenced(session, event.seq, record.flow_id, record.lease_token, outcome)
+
+    async def _finish_flows(self, session: Session, events: list[FlowFinishIn]) -> None:
+        try:
+            outcomes = await self.store.finish_flows(
+                [e.finish for e in events], self.clock.now_ms()
+            )
+        except ErgonError as error:
+            self._refuse(session, [e.seq for e in events], error)
+            return
+        for event, outcome in zip(events, outcomes, strict=True):
+            finish = event.finish
+            if outcome is WriteOutcome.OK:
+                self.dispatcher.forget(finish.flow_id, finish.lease_token)
+                if finish.retry_delay_ms <= 0:
+                    self._notify(finish.flow_id)
+            self._ack_fenced(session, event.seq, finish.flow_id, finish.lease_token, outcome)
+
+    async def _release_flows(self, session: Session, events: list[ReleaseIn]) -> None:
+        try:
+            outcomes = await self.store.release_flows(
+                [e.lease for e in events], self.clock.now_ms()
+            )
+        except ErgonError as error:
+            self._refuse(session, [e.seq for e in events], error)
+            return
+        for event, outcome in zip(events, outcomes, strict=True):
+            lease = event.lease
+            if outcome is WriteOutcome.OK:
+                self.dispatcher.forget(lease.flow_id, lease.lease_token)
+            self._ack_fenced(session, event.seq, lease.flow_id, lease.lease_token, outcome)
+
+    async def _control(self, session: Session, event: HeartbeatIn | CapacityIn) -> None:
+        if isinstance(event, CapacityIn):
+            if event.capacity < 0:
+                error = InvalidArgumentError("capacity must not be negative")
+                self._refuse(session, [event.seq], error)
+                return
+            session.capacity = event.capacity
+            self.dispatcher.wake()
+        elif session.held:
+            now = self.clock.now_ms()
+            try:
+                await self.store.renew_leases(session.session_id, now + self.config.lease_ttl_ms)
+            except ErgonError as error:
+                self._refuse(session, [event.seq], error)
+                return
+        if event.seq:
+            session.send(AckOut(event.seq))

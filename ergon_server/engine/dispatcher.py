@@ -1,0 +1,157 @@
+"""Push-based dispatch with credits: ready flows go to the least-loaded session of their type.
+
+A session never holds more flows than its capacity. Each pass claims in rounds of small chunks,
+least-loaded session first, so a backlog is spread evenly instead of filling the first session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Iterable
+
+from ergon_server.clock import Clock
+from ergon_server.engine.config import EngineConfig
+from ergon_server.engine.sessions import AssignmentOut, RevokeOut, Session
+from ergon_server.errors import ErgonError
+from ergon_server.model import ClaimedFlow, Lease
+from ergon_server.storage.base import Store
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    """Owns the live sessions of this server and the leases they hold here."""
+
+    def __init__(self, store: Store, clock: Clock, config: EngineConfig) -> None:
+        self._store = store
+        self._clock = clock
+        self._config = config
+        self._sessions: dict[str, Session] = {}
+        # flow_id -> the live session of this server that holds its lease.
+        self._owners: dict[str, Session] = {}
+        self._wake = asyncio.Event()
+        self.dispatched_total = 0
+
+    @property
+    def sessions(self) -> list[Session]:
+        """The live sessions."""
+        return list(self._sessions.values())
+
+    def wake(self) -> None:
+        """Ask for a dispatch pass soon (work or capacity appeared)."""
+        self._wake.set()
+
+    def add(self, session: Session, held: Iterable[tuple[str, int]] = ()) -> None:
+        """Start dispatching to a session, which already holds the given leases."""
+        self._sessions[session.session_id] = session
+        for flow_id, lease_token in held:
+            self.adopt(session, flow_id, lease_token)
+        self.wake()
+
+    def remove(self, session: Session) -> None:
+        """Stop dispatching to a session; its leases stay in the store until they expire."""
+        session.close()
+        self._sessions.pop(session.session_id, None)
+        for flow_id in session.held:
+            if self._owners.get(flow_id) is session:
+                del self._owners[flow_id]
+
+    def adopt(self, session: Session, flow_id: str, lease_token: int) -> None:
+        """Record that a session runs a flow under a lease."""
+        session.held[flow_id] = lease_token
+        self._owners[flow_id] = session
+
+    def forget(self, flow_id: str, lease_token: int | None = None) -> Session | None:
+        """Free the slot of a flow that ended, moved or was given back; returns its session."""
+        session = self._owners.get(flow_id)
+        if session is None:
+            return None
+        if lease_token is not None and session.held.get(flow_id) != lease_token:
+            return None
+        del self._owners[flow_id]
+        session.held.pop(flow_id, None)
+        self.wake()
+        return session
+
+    def revoke(self, flow_id: str, reason: str) -> None:
+        """Tell the session running a flow here to stop, and free its slot."""
+        session = self._owners.get(flow_id)
+        if session is None:
+            return
+        lease_token = session.held.get(flow_id, 0)
+        self.forget(flow_id)
+        session.send(RevokeOut(flow_id, lease_token, reason))
+
+    async def run(self) -> None:
+        """Dispatch until cancelled."""
+        while True:
+            self._wake.clear()
+            try:
+                delay_ms = await self._dispatch_pass()
+            except ErgonError as error:
+                log.warning("dispatch pass failed, retrying: %s", error.message)
+                delay_ms = self._config.dispatch_poll_interval_ms
+            if delay_ms > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay_ms / 1000):
+                        await self._wake.wait()
+
+    async def _dispatch_pass(self) -> int:
+        """Claim for sessions with free capacity; returns how long to sleep, in ms."""
+        eligible = [s for s in self._sessions.values() if s.free > 0]
+        starved: list[Session] = []
+        while eligible:
+            eligible.sort(key=lambda s: s.load)
+            now = self._clock.now_ms()
+            expires_at = now + self._config.lease_ttl_ms
+            asks = [min(s.free, max(1, math.ceil(s.capacity / 4))) for s in eligible]
+            claims = await asyncio.gather(
+                *(
+                    self._store.claim_flows(s.session_id, s.flow_types, ask, expires_at, now)
+                    for s, ask in zip(eligible, asks, strict=True)
+                ),
+                return_exceptions=True,
+            )
+            next_round: list[Session] = []
+            failure: BaseException | None = None
+            for session, ask, flows in zip(eligible, asks, claims, strict=True):
+                if isinstance(flows, BaseException):
+                    failure = flows
+                    continue
+                await self._hand_over(session, flows)
+                if len(flows) < ask:
+                    starved.append(session)
+                elif session.free > 0:
+                    next_round.append(session)
+            eligible = next_round
+            if failure is not None:
+                # Claims that succeeded were handed over above; the failed one is retried.
+                raise failure
+        if not starved:
+            return self._config.dispatch_poll_interval_ms
+        types = sorted({t for s in starved for t in s.flow_types})
+        next_ready = await self._store.next_ready_at(types)
+        poll = self._config.dispatch_poll_interval_ms
+        if next_ready is None:
+            return poll
+        return max(1, min(poll, next_ready - self._clock.now_ms()))
+
+    async def _hand_over(self, session: Session, flows: list[ClaimedFlow]) -> None:
+        if not flows:
+            return
+        if session.closed:
+            # The worker went away while we claimed: give the flows back at once rather than
+            # let them wait out the lease.
+            await self._store.release_flows(
+                [Lease(f.flow_id, f.lease_token) for f in flows], self._clock.now_ms()
+            )
+            self.wake()
+            return
+        for flow in flows:
+            self.adopt(session, flow.flow_id, flow.lease_token)
+            session.assigned_total += 1
+            session.send(AssignmentOut(flow))
+        self.dispatched_total += len(flows)

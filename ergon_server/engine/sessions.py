@@ -1,0 +1,167 @@
+"""Worker sessions and the events that cross a worker's stream, as domain objects.
+
+The rpc layer turns protobuf messages into the `*In` events and the `Out*` events back into
+protobuf; a `Session` is the engine's side of one worker stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from ergon_server.model import ClaimedFlow, FlowFinish, Lease, StepRecord, WriteOutcome
+
+# gRPC status codes carried in acks (grpc.StatusCode values, without importing grpc here).
+CODE_OK = 0
+CODE_NOT_FOUND = 5
+CODE_FAILED_PRECONDITION = 9
+CODE_UNAVAILABLE = 14
+CODE_INTERNAL = 13
+
+
+@dataclass(frozen=True, slots=True)
+class StepResultIn:
+    """A worker reports a step attempt's outcome."""
+
+    seq: int
+    record: StepRecord
+
+
+@dataclass(frozen=True, slots=True)
+class FlowFinishIn:
+    """A worker reports a flow's end (or asks for a flow retry)."""
+
+    seq: int
+    finish: FlowFinish
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseIn:
+    """A worker gives a flow back unfinished."""
+
+    seq: int
+    lease: Lease
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatIn:
+    """A worker is alive; its leases are renewed."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityIn:
+    """A worker changes how many flows it may hold."""
+
+    seq: int
+    capacity: int
+
+
+WorkerEventIn = StepResultIn | FlowFinishIn | ReleaseIn | HeartbeatIn | CapacityIn
+
+
+@dataclass(frozen=True, slots=True)
+class AckOut:
+    """The answer to a worker event, sent once the event is durable (or refused)."""
+
+    seq: int
+    code: int = CODE_OK
+    reason: str = ""
+    message: str = ""
+
+    @classmethod
+    def for_outcome(cls, seq: int, outcome: WriteOutcome, flow_id: str) -> AckOut:
+        """The ack for a fenced write's outcome."""
+        if outcome is WriteOutcome.OK:
+            return cls(seq)
+        if outcome is WriteOutcome.LEASE_LOST:
+            return cls(
+                seq,
+                CODE_FAILED_PRECONDITION,
+                "LEASE_LOST",
+                f"the lease on flow {flow_id!r} is no longer held by this worker",
+            )
+        return cls(seq, CODE_NOT_FOUND, "FLOW_NOT_FOUND", f"flow {flow_id!r} does not exist")
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentOut:
+    """A flow to run under a lease."""
+
+    flow: ClaimedFlow
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeOut:
+    """The worker must stop running a flow."""
+
+    flow_id: str
+    lease_token: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PingOut:
+    """Liveness from the server."""
+
+
+@dataclass(frozen=True, slots=True)
+class DrainOut:
+    """The server is going away."""
+
+
+ServerEventOut = AckOut | AssignmentOut | RevokeOut | PingOut | DrainOut
+
+
+class Session:
+    """The engine's side of one worker stream: its capacity, its leases, its outbox.
+
+    Events for the worker are appended to an outbox and taken as one batch by the stream's
+    writer, so whatever is ready when the writer runs goes out in one message.
+    """
+
+    def __init__(
+        self, session_id: str, worker_id: str, flow_types: tuple[str, ...], capacity: int
+    ) -> None:
+        self.session_id = session_id
+        self.worker_id = worker_id
+        self.flow_types = flow_types
+        self.capacity = capacity
+        # flow_id -> lease token of every flow this session runs.
+        self.held: dict[str, int] = {}
+        self.assigned_total = 0
+        self.closed = False
+        self._outbox: list[ServerEventOut] = []
+        self._ready = asyncio.Event()
+
+    @property
+    def free(self) -> int:
+        """How many more flows the session may take now."""
+        return 0 if self.closed else max(0, self.capacity - len(self.held))
+
+    @property
+    def load(self) -> float:
+        """Fraction of capacity in use (1.0 when it can take nothing)."""
+        return 1.0 if self.capacity <= 0 else len(self.held) / self.capacity
+
+    def send(self, event: ServerEventOut) -> None:
+        """Queue an event for the worker."""
+        if not self.closed:
+            self._outbox.append(event)
+            self._ready.set()
+
+    async def next_batch(self) -> list[ServerEventOut]:
+        """Wait for events and take all that are queued; empty once the session is closed."""
+        while not self._outbox:
+            if self.closed:
+                return []
+            self._ready.clear()
+            await self._ready.wait()
+        batch, self._outbox = self._outbox, []
+        return batch
+
+    def close(self) -> None:
+        """Stop the session; the writer's pending `next_batch` returns."""
+        self.closed = True
+        self._ready.set()

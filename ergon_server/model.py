@@ -1,0 +1,234 @@
+"""The domain model shared by the engine and the stores.
+
+Times are integer milliseconds since the Unix epoch, always passed in from a `Clock`.
+Payloads are opaque bytes (a serialized `ergon.v1.Payload`): the server stores and returns
+them as given and never decodes user data on the hot path.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FlowStatus(enum.StrEnum):
+    """The life cycle of a flow; the values are what the stores persist."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    WAITING = "WAITING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the flow can never change again."""
+        return self in (FlowStatus.COMPLETED, FlowStatus.FAILED, FlowStatus.CANCELLED)
+
+
+class EntryKind(enum.StrEnum):
+    """What a journal entry records."""
+
+    STEP = "STEP"
+    TIMER = "TIMER"
+    SIGNAL = "SIGNAL"
+    CHILD = "CHILD"
+
+
+class EntryStatus(enum.StrEnum):
+    """The state of a journal entry."""
+
+    RETRYING = "RETRYING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a failed step or flow is retried (mirrors `ergon.v1.RetryPolicy`)."""
+
+    max_attempts: int = 1
+    initial_delay_ms: int = 0
+    max_delay_ms: int = 0
+    backoff_multiplier: float = 1.0
+    non_retryable_error_types: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """An error raised by a step or a flow (mirrors `ergon.v1.Failure`)."""
+
+    type: str
+    message: str
+    non_retryable: bool = False
+    stack_trace: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NewFlow:
+    """A flow to schedule."""
+
+    flow_id: str
+    flow_type: str
+    input: bytes
+    request_id: str = ""
+    start_at: int | None = None
+    retry_policy: RetryPolicy | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class ScheduleOutcome(enum.Enum):
+    """What scheduling one flow did."""
+
+    CREATED = "created"
+    # The flow_id existed with the same type and input, or the request_id was seen before.
+    EXISTING = "existing"
+    # The flow_id exists with another type or input.
+    CONFLICT = "conflict"
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleResult:
+    """The answer to scheduling one flow."""
+
+    flow_id: str
+    outcome: ScheduleOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class FlowRecord:
+    """A flow as stored."""
+
+    flow_id: str
+    flow_type: str
+    status: FlowStatus
+    input: bytes
+    result: bytes | None
+    error: Failure | None
+    attempt: int
+    labels: dict[str, str]
+    created_at: int
+    updated_at: int
+    ready_at: int
+    completed_at: int | None
+    retry_policy: RetryPolicy | None
+    lease_token: int
+    lease_owner: str | None
+    lease_expires_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRecord:
+    """One durable fact of a flow's execution."""
+
+    sequence: int
+    key: str
+    kind: EntryKind
+    status: EntryStatus
+    result: bytes | None
+    error: Failure | None
+    attempts: int
+    args_hash: str
+    recorded_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedFlow:
+    """A flow just put under a lease, with what a worker needs to run it."""
+
+    flow_id: str
+    flow_type: str
+    input: bytes
+    lease_token: int
+    attempt: int
+    retry_policy: RetryPolicy | None
+    journal: list[JournalRecord]
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """The outcome of one step attempt, fenced by a lease token.
+
+    status RETRYING records only the attempt count and the last error; COMPLETED records
+    `result`; FAILED records `error` for good.
+    """
+
+    flow_id: str
+    lease_token: int
+    key: str
+    kind: EntryKind
+    args_hash: str
+    attempts: int
+    status: EntryStatus
+    result: bytes | None = None
+    error: Failure | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FlowFinish:
+    """A flow's end, fenced by a lease token.
+
+    COMPLETED carries `result`. FAILED carries `error`; with `retry_delay_ms` > 0 the flow is
+    not failed but re-queued for attempt + 1 after that delay, its failed step entries dropped
+    so that those steps run again (completed ones replay).
+    """
+
+    flow_id: str
+    lease_token: int
+    status: FlowStatus
+    result: bytes | None = None
+    error: Failure | None = None
+    retry_delay_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A flow's lease as a worker holds it."""
+
+    flow_id: str
+    lease_token: int
+
+
+class WriteOutcome(enum.Enum):
+    """The answer to one fenced write."""
+
+    OK = "ok"
+    # The flow is not RUNNING under this lease token (expired, re-assigned, cancelled, done).
+    LEASE_LOST = "lease_lost"
+    # No such flow.
+    NOT_FOUND = "not_found"
+
+
+class CancelOutcome(enum.Enum):
+    """The answer to a cancel request."""
+
+    CANCELLED = "cancelled"
+    NOT_FOUND = "not_found"
+    # Already COMPLETED, FAILED or CANCELLED.
+    CLOSED = "closed"
+
+
+class SignalOutcome(enum.Enum):
+    """The answer to delivering a signal."""
+
+    DELIVERED = "delivered"
+    NOT_FOUND = "not_found"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class SignalResult:
+    """Where a signal landed in its mailbox (sequence from 1 per flow and name)."""
+
+    outcome: SignalOutcome
+    sequence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FlowPage:
+    """One page of a flow listing; `next_cursor` is None on the last page."""
+
+    flows: list[FlowRecord]
+    next_cursor: int | None

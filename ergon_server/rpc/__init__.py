@@ -1,0 +1,1 @@
+"""gRPC servicers: protobuf <-> domain translation only; the engine decides everything."""

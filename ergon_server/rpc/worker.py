@@ -1,0 +1,219 @@
+"""`ergon.v1.WorkerService.Connect`: one bidirectional stream per worker session."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from ergon_server.engine import Engine
+from ergon_server.engine.sessions import (
+    AckOut,
+    AssignmentOut,
+    CapacityIn,
+    DrainOut,
+    FlowFinishIn,
+    HeartbeatIn,
+    PingOut,
+    ReleaseIn,
+    RevokeOut,
+    ServerEventOut,
+    Session,
+    StepResultIn,
+    WorkerEventIn,
+)
+from ergon_server.errors import ErgonError, InvalidArgumentError
+from ergon_server.model import (
+    EntryKind,
+    EntryStatus,
+    Failure,
+    FlowFinish,
+    FlowStatus,
+    Lease,
+    StepRecord,
+)
+from ergon_server.rpc import convert
+from ergon_server.rpc.status import code_for, stream
+from ergon_worker_sdk.proto.ergon.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+REGISTER_TIMEOUT_S = 30.0
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    """Carries assignments to workers and their results back, in batches both ways."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @stream
+    async def Connect(
+        self, request_iterator: AsyncIterator[worker_pb2.ConnectRequest], context: Context
+    ) -> AsyncIterator[worker_pb2.ConnectResponse]:
+        """Register, then exchange events until either side closes."""
+        requests = request_iterator.__aiter__()
+        try:
+            async with asyncio.timeout(REGISTER_TIMEOUT_S):
+                first = await anext(requests)
+        except (StopAsyncIteration, TimeoutError):
+            raise InvalidArgumentError(
+                "a worker stream must start with a register event", "REGISTER_FIRST"
+            ) from None
+        if not first.events or first.events[0].WhichOneof("event") != "register":
+            raise InvalidArgumentError(
+                "a worker stream must start with a register event", "REGISTER_FIRST"
+            )
+        register = first.events[0].register
+        session, reattached = await self._engine.open_session(
+            register.worker_id,
+            list(register.flow_types),
+            register.capacity,
+            register.protocol_version,
+            [Lease(h.flow_id, h.lease_token) for h in register.held_leases],
+        )
+        try:
+            registered = worker_pb2.Registered(
+                session_id=session.session_id,
+                heartbeat_interval_ms=self._engine.config.heartbeat_interval_ms,
+                lease_ttl_ms=self._engine.config.lease_ttl_ms,
+                reattached_flow_ids=reattached,
+                protocol_version=register.protocol_version,
+            )
+            yield worker_pb2.ConnectResponse(events=[worker_pb2.ServerEvent(registered=registered)])
+            if len(first.events) > 1:
+                await self._handle(session, list(first.events[1:]))
+            reader = asyncio.create_task(self._read(session, requests))
+            try:
+                while batch := await session.next_batch():
+                    yield worker_pb2.ConnectResponse(events=[_server_event(e) for e in batch])
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+        finally:
+            self._engine.close_session(session)
+
+    async def _read(
+        self, session: Session, requests: AsyncIterator[worker_pb2.ConnectRequest]
+    ) -> None:
+        handlers: set[asyncio.Task[None]] = set()
+        try:
+            async for request in requests:
+                # Handled concurrently, so the next message's events join the same group commit.
+                task = asyncio.create_task(self._handle(session, list(request.events)))
+                handlers.add(task)
+                task.add_done_callback(handlers.discard)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass
+        finally:
+            if handlers:
+                await asyncio.gather(*handlers, return_exceptions=True)
+            session.close()
+
+    async def _handle(self, session: Session, events: list[worker_pb2.WorkerEvent]) -> None:
+        parsed: list[WorkerEventIn] = []
+        for event in events:
+            try:
+                parsed.append(self._parse(event))
+            except ErgonError as error:
+                log.info("worker %s sent a bad event: %s", session.worker_id, error.message)
+                if event.seq:
+                    code = code_for(error).value[0]
+                    session.send(AckOut(event.seq, code, error.reason, error.message))
+        try:
+            await self._engine.handle_worker_events(session, parsed)
+        except Exception:
+            log.exception("handling events of worker %s failed", session.worker_id)
+            for item in parsed:
+                if item.seq:
+                    session.send(AckOut(item.seq, 13, "INTERNAL", "internal error; see server log"))
+
+    def _parse(self, event: worker_pb2.WorkerEvent) -> WorkerEventIn:
+        kind = event.WhichOneof("event")
+        limit = self._engine.config.max_payload_bytes
+        if kind == "step_result":
+            return StepResultIn(event.seq, _step_record(event.step_result, limit))
+        if kind == "flow_completed":
+            done = event.flow_completed
+            result = convert.payload_bytes(done.result, limit, "the flow result", check_json=False)
+            finish = FlowFinish(done.flow_id, done.lease_token, FlowStatus.COMPLETED, result=result)
+            return FlowFinishIn(event.seq, finish)
+        if kind == "flow_failed":
+            failed = event.flow_failed
+            finish = FlowFinish(
+                failed.flow_id,
+                failed.lease_token,
+                FlowStatus.FAILED,
+                error=convert.failure_from_proto(failed.failure),
+                retry_delay_ms=max(0, failed.retry_delay_ms),
+            )
+            return FlowFinishIn(event.seq, finish)
+        if kind == "release":
+            return ReleaseIn(event.seq, Lease(event.release.flow_id, event.release.lease_token))
+        if kind == "heartbeat":
+            return HeartbeatIn(event.seq)
+        if kind == "capacity_update":
+            return CapacityIn(event.seq, event.capacity_update.capacity)
+        if kind == "register":
+            raise InvalidArgumentError(
+                "register is only valid as the first event of a stream", "REGISTER_TWICE"
+            )
+        raise InvalidArgumentError("an empty or unknown worker event", "UNKNOWN_EVENT")
+
+
+def _step_record(result: worker_pb2.StepResult, limit: int) -> StepRecord:
+    outcome = result.WhichOneof("outcome")
+    kind = convert.ENTRY_KIND_FROM_PROTO.get(result.kind, EntryKind.STEP)
+    if not result.key:
+        raise InvalidArgumentError("a step result needs its key", "INVALID_ID")
+    status: EntryStatus
+    data: bytes | None = None
+    failure: Failure | None = None
+    if outcome == "result":
+        status = EntryStatus.COMPLETED
+        data = convert.payload_bytes(result.result, limit, "the step result", check_json=False)
+    elif outcome == "failure":
+        status, failure = EntryStatus.FAILED, convert.failure_from_proto(result.failure)
+    elif outcome == "retrying":
+        status, failure = EntryStatus.RETRYING, convert.failure_from_proto(result.retrying)
+    else:
+        raise InvalidArgumentError("a step result needs an outcome", "MISSING_OUTCOME")
+    return StepRecord(
+        flow_id=result.flow_id,
+        lease_token=result.lease_token,
+        key=result.key,
+        kind=kind,
+        args_hash=result.args_hash,
+        attempts=max(1, result.attempts),
+        status=status,
+        result=data,
+        error=failure,
+    )
+
+
+def _server_event(event: ServerEventOut) -> worker_pb2.ServerEvent:
+    if isinstance(event, AckOut):
+        return worker_pb2.ServerEvent(
+            ack=worker_pb2.Ack(
+                seq=event.seq, code=event.code, reason=event.reason, message=event.message
+            )
+        )
+    if isinstance(event, AssignmentOut):
+        return worker_pb2.ServerEvent(assignment=convert.assignment_to_proto(event.flow))
+    if isinstance(event, RevokeOut):
+        return worker_pb2.ServerEvent(
+            revoke=worker_pb2.Revoke(
+                flow_id=event.flow_id, lease_token=event.lease_token, reason=event.reason
+            )
+        )
+    if isinstance(event, PingOut):
+        return worker_pb2.ServerEvent(ping=worker_pb2.Ping())
+    if isinstance(event, DrainOut):
+        return worker_pb2.ServerEvent(drain=worker_pb2.Drain())
+    raise TypeError(f"unknown server event {event!r}")

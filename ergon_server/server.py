@@ -1,0 +1,116 @@
+"""The gRPC server: the engine, its store, the servicers, health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ergon_server.clock import Clock, SystemClock
+from ergon_server.config import ServerConfig
+from ergon_server.engine import Engine
+from ergon_server.rpc.scheduler import SchedulerServicer, SignalServicer
+from ergon_server.rpc.worker import WorkerServicer
+from ergon_server.storage import create_store
+from ergon_server.storage.base import Store
+from ergon_worker_sdk.proto.ergon.v1 import (
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    signal_pb2,
+    signal_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
+    signal_pb2.DESCRIPTOR.services_by_name["SignalService"].full_name,
+    worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+)
+
+
+class ErgonServer:
+    """An Ergon server: `start()`, then `wait()` or `shutdown()`; also `async with`."""
+
+    def __init__(
+        self, config: ServerConfig, *, clock: Clock | None = None, store: Store | None = None
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.store = store or create_store(config.db, sqlite_synchronous=config.sqlite_synchronous)
+        self.engine = Engine(self.store, self.clock, config.engine)
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        """host:port the server listens on (the real port when 0 was asked for)."""
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Open the store, bind the port and start serving."""
+        await self.store.open()
+        limit = self.config.max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # Workers ping on their stream; allow transport keepalives too.
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+            ]
+        )
+        scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
+            SchedulerServicer(self.engine), server
+        )
+        signal_pb2_grpc.add_SignalServiceServicer_to_server(SignalServicer(self.engine), server)
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(self.engine), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        try:
+            self.port = server.add_insecure_port(self.config.listen)
+        except RuntimeError as error:
+            await self.store.close()
+            raise OSError(f"cannot listen on {self.config.listen}: {error}") from error
+        await server.start()
+        self._server = server
+        await self.engine.start()
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("ergon-server ready on %s (store %s)", self.address, self.config.db)
+
+    async def wait(self) -> None:
+        """Return once the server has shut down."""
+        await self._stopped.wait()
+
+    async def shutdown(self) -> None:
+        """Graceful stop: NOT_SERVING, drain workers, stop the engine and gRPC, close the store.
+
+        Idempotent and safe before `start()`.
+        """
+        if self._server is not None:
+            server, self._server = self._server, None
+            await self._health.enter_graceful_shutdown()
+            await self.engine.drain()
+            await server.stop(self.config.shutdown_grace_s)
+            await self.engine.shutdown()
+            log.info("ergon-server on %s stopped", self.address)
+        await self.store.close()
+        self._stopped.set()
+
+    async def __aenter__(self) -> ErgonServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()

@@ -1,0 +1,414 @@
+"""`Client` (one channel to the server, every client call) and `Scheduler` (pyergon's name)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import enum
+import functools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from ergon_worker_sdk._definitions import RetryPolicy, flow_type_definition
+from ergon_worker_sdk.converter import JsonConverter, PayloadConverter, to_jsonable
+from ergon_worker_sdk.errors import (
+    FlowAlreadyScheduledError,
+    PayloadTooLargeError,
+    RpcError,
+    ServerUnavailableError,
+    rpc_error,
+)
+from ergon_worker_sdk.proto.ergon.v1 import (
+    common_pb2,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    signal_pb2,
+    signal_pb2_grpc,
+)
+
+log = logging.getLogger("ergon_worker_sdk.client")
+
+DEFAULT_MAX_PAYLOAD_BYTES = 2 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+T = TypeVar("T")
+
+
+class FlowStatus(enum.Enum):
+    """The life cycle of a flow."""
+
+    PENDING = common_pb2.FLOW_STATUS_PENDING
+    RUNNING = common_pb2.FLOW_STATUS_RUNNING
+    WAITING = common_pb2.FLOW_STATUS_WAITING
+    COMPLETED = common_pb2.FLOW_STATUS_COMPLETED
+    FAILED = common_pb2.FLOW_STATUS_FAILED
+    CANCELLED = common_pb2.FLOW_STATUS_CANCELLED
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the flow has ended."""
+        return self in (FlowStatus.COMPLETED, FlowStatus.FAILED, FlowStatus.CANCELLED)
+
+
+@dataclass(frozen=True)
+class FlowError:
+    """Why a flow failed."""
+
+    type: str
+    message: str
+    reason: str = ""
+    stack_trace: str = ""
+
+
+@dataclass(frozen=True)
+class FlowOutcome:
+    """A flow's state as the server reported it; `result` is decoded JSON (or the raw value)."""
+
+    flow_id: str
+    flow_type: str
+    status: FlowStatus
+    result: Any = None
+    error: FlowError | None = None
+    attempt: int = 1
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    created_at: datetime.datetime | None = None
+    completed_at: datetime.datetime | None = None
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One entry of a flow's history."""
+
+    sequence: int
+    key: str
+    kind: str
+    status: str
+    result: Any
+    error: FlowError | None
+    attempts: int
+    recorded_at: datetime.datetime
+
+
+def _error_info(error: grpc.aio.AioRpcError) -> str:
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    reason: str = info.reason
+                    return reason
+    return ""
+
+
+def translate(error: grpc.aio.AioRpcError) -> RpcError:
+    """The SDK error for a failed call, with the server's ErrorInfo reason."""
+    return rpc_error(error.code(), _error_info(error), error.details() or "")
+
+
+def channel_target(address: str | Sequence[str]) -> tuple[str, list[tuple[str, Any]]]:
+    """A gRPC target (and options) for one address or several, round-robin."""
+    if isinstance(address, str):
+        return address, []
+    addresses: list[str] = list(address)
+    if len(addresses) == 1:
+        return addresses[0], []
+    return "ipv4:" + ",".join(addresses), [("grpc.lb_policy_name", "round_robin")]
+
+
+class Client:
+    """A connection to an Ergon server, for scheduling, reading, waiting, signalling, cancelling.
+
+    Use as `async with Client("127.0.0.1:50051") as client:`. Several addresses (server
+    replicas) are used round-robin. Calls that fail with UNAVAILABLE are retried with backoff
+    for up to `retry_timeout_s` (scheduling is idempotent through a request id).
+    """
+
+    def __init__(
+        self,
+        address: str | Sequence[str] = "127.0.0.1:50051",
+        *,
+        converter: PayloadConverter | None = None,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retry_timeout_s: float = 30.0,
+    ) -> None:
+        self.address = address
+        self.converter: PayloadConverter = converter or JsonConverter()
+        self.max_payload_bytes = max_payload_bytes
+        self.max_message_bytes = max_message_bytes
+        self.retry_timeout_s = retry_timeout_s
+        self._channel: grpc.aio.Channel | None = None
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The gRPC channel, opened on first use."""
+        if self._channel is None:
+            target, options = channel_target(self.address)
+            options += [
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes),
+            ]
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        return self._channel
+
+    async def close(self) -> None:
+        """Close the channel. Idempotent."""
+        if self._channel is not None:
+            channel, self._channel = self._channel, None
+            await channel.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _call(self, call: Callable[[], Awaitable[T]], *, retry: bool = True) -> T:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_timeout_s
+        backoff = 0.05
+        while True:
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as error:
+                translated = translate(error)
+                if (
+                    not retry
+                    or not isinstance(translated, ServerUnavailableError)
+                    or loop.time() + backoff > deadline
+                ):
+                    raise translated from None
+                log.debug("server unavailable (%s); retrying", error.details())
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    @property
+    def _scheduler(self) -> scheduler_pb2_grpc.SchedulerServiceAsyncStub:
+        return scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
+
+    def payload(self, value: Any) -> common_pb2.Payload:
+        """Encode a value, refusing it here if it is over the payload limit."""
+        payload = self.converter.to_payload(value)
+        size = payload.ByteSize()
+        if size > self.max_payload_bytes:
+            raise PayloadTooLargeError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "PAYLOAD_TOO_LARGE",
+                f"payload is {size} bytes; the limit is {self.max_payload_bytes} bytes",
+            )
+        return payload
+
+    def schedule_request(
+        self,
+        flow: Any,
+        *,
+        flow_id: str | None = None,
+        request_id: str | None = None,
+        start_at: datetime.datetime | None = None,
+        retry_policy: RetryPolicy | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> scheduler_pb2.ScheduleFlowRequest:
+        """The request that schedules a `@flow_type` instance."""
+        definition = flow_type_definition(type(flow))
+        request = scheduler_pb2.ScheduleFlowRequest(
+            flow_id=flow_id or "",
+            flow_type=definition.type_id,
+            request_id=request_id or uuid.uuid4().hex,
+            labels=labels or {},
+        )
+        fields = {f.name: getattr(flow, f.name) for f in dataclasses.fields(flow)}
+        request.input.CopyFrom(self.payload(to_jsonable(fields)))
+        if start_at is not None:
+            if start_at.tzinfo is None:
+                raise ValueError("start_at must be timezone-aware")
+            request.start_at.FromDatetime(start_at)
+        if retry_policy is not None:
+            request.retry_policy.CopyFrom(
+                common_pb2.RetryPolicy(
+                    max_attempts=retry_policy.max_attempts,
+                    initial_delay_ms=retry_policy.initial_delay_ms,
+                    max_delay_ms=retry_policy.max_delay_ms,
+                    backoff_multiplier=retry_policy.backoff_multiplier,
+                    non_retryable_error_types=list(retry_policy.error_type_names),
+                )
+            )
+        return request
+
+    async def schedule(self, flow: Any, **options: Any) -> str:
+        """Schedule a `@flow_type` instance; returns its flow id.
+
+        Options: flow_id (the business key; scheduling it again returns the same flow),
+        request_id, start_at (aware datetime), retry_policy, labels.
+        """
+        request = self.schedule_request(flow, **options)
+        response = await self._call(functools.partial(self._scheduler.ScheduleFlow, request))
+        return response.flow_id
+
+    async def schedule_many(self, flows: Sequence[Any]) -> list[str]:
+        """Schedule many flows in batches of up to 1,000 per call; returns their ids in order."""
+        ids: list[str] = []
+        for start in range(0, len(flows), 1000):
+            batch = scheduler_pb2.ScheduleFlowsRequest(
+                requests=[self.schedule_request(f) for f in flows[start : start + 1000]]
+            )
+            response = await self._call(functools.partial(self._scheduler.ScheduleFlows, batch))
+            for result in response.results:
+                if result.code:
+                    raise FlowAlreadyScheduledError(
+                        grpc.StatusCode.ALREADY_EXISTS, result.reason, result.message
+                    )
+                ids.append(result.flow_id)
+        return ids
+
+    def outcome(self, info: common_pb2.FlowInfo, hint: Any = None) -> FlowOutcome:
+        """A `FlowOutcome` from the wire form of a flow."""
+        status = FlowStatus(info.status)
+        error = None
+        if info.HasField("error"):
+            error = FlowError(
+                info.error.type, info.error.message, info.error.reason, info.error.stack_trace
+            )
+        result = None
+        if info.HasField("result"):
+            result = self.converter.from_payload(info.result, hint)
+        return FlowOutcome(
+            flow_id=info.flow_id,
+            flow_type=info.flow_type,
+            status=status,
+            result=result,
+            error=error,
+            attempt=info.attempt,
+            labels=dict(info.labels),
+            created_at=info.created_at.ToDatetime(datetime.UTC),
+            completed_at=(
+                info.completed_at.ToDatetime(datetime.UTC)
+                if info.HasField("completed_at")
+                else None
+            ),
+        )
+
+    async def get(self, flow_id: str) -> FlowOutcome:
+        """The flow's current state."""
+        request = scheduler_pb2.GetFlowRequest(flow_id=flow_id)
+        response = await self._call(functools.partial(self._scheduler.GetFlow, request))
+        return self.outcome(response.flow)
+
+    async def wait(self, flow_id: str, timeout: float | None = None) -> FlowOutcome:  # noqa: ASYNC109 - pyergon's API
+        """Wait for the flow to end and return its outcome.
+
+        Raises:
+            TimeoutError: the flow had not ended after `timeout` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            remaining_ms = 60_000 if deadline is None else int((deadline - loop.time()) * 1000)
+            request = scheduler_pb2.WaitFlowRequest(
+                flow_id=flow_id, timeout_ms=max(0, min(remaining_ms, 60_000))
+            )
+            response = await self._call(functools.partial(self._scheduler.WaitFlow, request))
+            if response.done:
+                return self.outcome(response.flow)
+            if deadline is not None and loop.time() >= deadline:
+                raise TimeoutError(f"flow {flow_id} has not ended after {timeout} s")
+
+    async def list_flows(
+        self,
+        *,
+        status: FlowStatus | Sequence[FlowStatus] | None = None,
+        flow_type: str | None = None,
+        page_size: int = 100,
+    ) -> AsyncIterator[FlowOutcome]:
+        """Every flow matching the filters, fetched page by page."""
+        statuses = [] if status is None else [status] if isinstance(status, FlowStatus) else status
+        token = ""
+        while True:
+            request = scheduler_pb2.ListFlowsRequest(
+                statuses=[s.value for s in statuses],
+                flow_type=flow_type or "",
+                page_size=page_size,
+                page_token=token,
+            )
+            response = await self._call(functools.partial(self._scheduler.ListFlows, request))
+            for info in response.flows:
+                yield self.outcome(info)
+            token = response.next_page_token
+            if not token:
+                return
+
+    async def history(self, flow_id: str) -> list[JournalEntry]:
+        """The flow's whole journal, in recording order."""
+        entries: list[JournalEntry] = []
+        token = ""
+        while True:
+            request = scheduler_pb2.GetFlowHistoryRequest(
+                flow_id=flow_id, page_size=1000, page_token=token
+            )
+            response = await self._call(functools.partial(self._scheduler.GetFlowHistory, request))
+            for entry in response.entries:
+                error = None
+                if entry.HasField("error"):
+                    error = FlowError(entry.error.type, entry.error.message, entry.error.reason)
+                entries.append(
+                    JournalEntry(
+                        sequence=entry.sequence,
+                        key=entry.key,
+                        kind=common_pb2.EntryKind.Name(entry.kind).removeprefix("ENTRY_KIND_"),
+                        status=common_pb2.EntryStatus.Name(entry.status).removeprefix(
+                            "ENTRY_STATUS_"
+                        ),
+                        result=(
+                            self.converter.from_payload(entry.result)
+                            if entry.HasField("result")
+                            else None
+                        ),
+                        error=error,
+                        attempts=entry.attempts,
+                        recorded_at=entry.recorded_at.ToDatetime(datetime.UTC),
+                    )
+                )
+            token = response.next_page_token
+            if not token:
+                return entries
+
+    async def cancel(self, flow_id: str, reason: str = "") -> FlowOutcome:
+        """Cancel a flow that has not ended."""
+        request = scheduler_pb2.CancelFlowRequest(flow_id=flow_id, reason=reason)
+        response = await self._call(functools.partial(self._scheduler.CancelFlow, request))
+        return self.outcome(response.flow)
+
+    async def signal(
+        self, flow_id: str, name: str, payload: Any = None, *, request_id: str | None = None
+    ) -> int:
+        """Deliver a signal to the flow's mailbox `name`; returns its position there."""
+        request = signal_pb2.SendSignalRequest(
+            flow_id=flow_id,
+            name=name,
+            payload=self.payload(payload),
+            request_id=request_id or uuid.uuid4().hex,
+        )
+        stub = signal_pb2_grpc.SignalServiceStub(self.channel)
+        response = await self._call(functools.partial(stub.SendSignal, request))
+        return response.sequence
+
+
+class Scheduler:
+    """Schedules flows (pyergon's `Scheduler`), over a `Client`."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    async def schedule(self, flow: Any, **options: Any) -> str:
+        """Schedule a `@flow_type` instance; see `Client.schedule` for the options."""
+        return await self._client.schedule(flow, **options)
+
+    async def schedule_many(self, flows: Sequence[Any]) -> list[str]:
+        """Schedule many flows in few calls."""
+        return await self._client.schedule_many(flows)

@@ -1,0 +1,284 @@
+"""`Worker`: runs registered flow types for the server, `handle.shutdown()` to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from ergon_worker_sdk._client import Client
+from ergon_worker_sdk._context import FlowContext, failure_from_exception
+from ergon_worker_sdk._definitions import FlowTypeDefinition, RetryPolicy, flow_type_definition
+from ergon_worker_sdk._session import WorkerStream
+from ergon_worker_sdk.converter import construct_dataclass
+from ergon_worker_sdk.errors import (
+    ConverterError,
+    HistoryMismatchError,
+    LeaseLostError,
+    RpcError,
+    StepFailedError,
+)
+from ergon_worker_sdk.proto.ergon.v1 import worker_pb2
+
+log = logging.getLogger("ergon_worker_sdk.worker")
+
+
+@dataclass
+class _Running:
+    lease_token: int
+    task: asyncio.Task[None]
+
+
+class Worker:
+    """Runs flows of the registered types, at most `max_concurrency` at once.
+
+    Args:
+        client: the connection to the server.
+        worker_id: a name for this worker in logs and listings (host:pid by default).
+        max_concurrency: most flows held at once (the session's capacity).
+    """
+
+    def __init__(
+        self, client: Client, worker_id: str | None = None, *, max_concurrency: int = 100
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        self.client = client
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.max_concurrency = max_concurrency
+        self._types: dict[str, FlowTypeDefinition] = {}
+        self._running: dict[str, _Running] = {}
+        self._stream: WorkerStream | None = None
+        self._stream_task: asyncio.Task[None] | None = None
+        self.flows_completed = 0
+        self.flows_failed = 0
+        self.max_running = 0
+
+    async def register(self, *flow_classes: type[Any]) -> None:
+        """Run flows of these `@flow_type` classes. Call before `start()`."""
+        if self._stream is not None:
+            raise RuntimeError("register flow types before starting the worker")
+        for cls in flow_classes:
+            definition = flow_type_definition(cls)
+            existing = self._types.get(definition.type_id)
+            if existing is not None and existing.cls is not cls:
+                raise ValueError(f"flow type {definition.type_id!r} is registered twice")
+            self._types[definition.type_id] = definition
+
+    async def start(self) -> WorkerHandle:
+        """Connect and start taking flows; returns once the first session is registered."""
+        if not self._types:
+            raise RuntimeError("register at least one @flow_type before starting the worker")
+        if self._stream is not None:
+            raise RuntimeError("the worker is already started")
+        self._stream = WorkerStream(
+            lambda: self.client.channel,
+            self.worker_id,
+            sorted(self._types),
+            self.max_concurrency,
+            self,
+        )
+        self._stream_task = asyncio.create_task(self._stream.run(), name="ergon-worker-stream")
+        connected = asyncio.create_task(self._stream.connected.wait())
+        await asyncio.wait([connected, self._stream_task], return_when=asyncio.FIRST_COMPLETED)
+        connected.cancel()
+        if self._stream_task.done():
+            self._stream_task.result()
+        return WorkerHandle(self)
+
+    # ---- StreamHandler
+
+    def held_leases(self) -> list[worker_pb2.HeldLease]:
+        """Leases of the flows running here."""
+        return [
+            worker_pb2.HeldLease(flow_id=flow_id, lease_token=running.lease_token)
+            for flow_id, running in self._running.items()
+        ]
+
+    def on_registered(self, reattached: set[str]) -> None:
+        """Stop flows whose leases did not survive the reconnect: someone else runs them now."""
+        for flow_id in [f for f in self._running if f not in reattached]:
+            log.info("lease on flow %s was not re-attached; dropping it here", flow_id)
+            self._drop(flow_id)
+
+    def on_assignment(self, assignment: worker_pb2.Assignment) -> None:
+        """Start running an assigned flow."""
+        existing = self._running.get(assignment.flow_id)
+        if existing is not None:
+            if existing.lease_token == assignment.lease_token:
+                return
+            self._drop(assignment.flow_id)
+        task = asyncio.create_task(self._execute(assignment), name=f"flow-{assignment.flow_id}")
+        self._running[assignment.flow_id] = _Running(assignment.lease_token, task)
+        self.max_running = max(self.max_running, len(self._running))
+
+    def on_revoke(self, revoke: worker_pb2.Revoke) -> None:
+        """Stop a flow whose lease is gone."""
+        running = self._running.get(revoke.flow_id)
+        if running is not None and running.lease_token == revoke.lease_token:
+            log.info("flow %s revoked (%s)", revoke.flow_id, revoke.reason)
+            self._drop(revoke.flow_id)
+
+    def _drop(self, flow_id: str) -> None:
+        running = self._running.pop(flow_id, None)
+        if running is not None:
+            running.task.cancel()
+
+    # ---- running flows
+
+    async def _request(self, event: worker_pb2.WorkerEvent) -> None:
+        assert self._stream is not None
+        await self._stream.request(event)
+
+    async def _execute(self, assignment: worker_pb2.Assignment) -> None:
+        flow_id, token = assignment.flow_id, assignment.lease_token
+        try:
+            await self._run_flow(assignment)
+        except LeaseLostError:
+            log.info("flow %s: lease lost; another worker has it", flow_id)
+        except asyncio.CancelledError:
+            pass
+        except RpcError as error:
+            log.error("flow %s: the server refused its outcome: %s", flow_id, error)
+        finally:
+            running = self._running.get(flow_id)
+            if running is not None and running.lease_token == token:
+                del self._running[flow_id]
+
+    async def _run_flow(self, assignment: worker_pb2.Assignment) -> None:
+        definition = self._types[assignment.flow_type]
+        converter = self.client.converter
+        context = FlowContext(
+            flow_id=assignment.flow_id,
+            flow_type=assignment.flow_type,
+            lease_token=assignment.lease_token,
+            attempt=max(1, assignment.attempt),
+            journal=list(assignment.journal),
+            converter=converter,
+            recorder=self._request,
+            max_payload_bytes=self.client.max_payload_bytes,
+        )
+        token = context.activate()
+        try:
+            try:
+                fields = converter.from_payload(assignment.input)
+                instance = construct_dataclass(definition.cls, fields or {})
+            except (ConverterError, TypeError) as error:
+                await self._fail(assignment, error, "MALFORMED_INPUT", retry_delay_ms=0)
+                return
+            try:
+                result = await getattr(instance, definition.method_name)()
+                payload = self.client.payload(result)
+            except (asyncio.CancelledError, LeaseLostError):
+                raise
+            except HistoryMismatchError as error:
+                await self._fail(assignment, error, error.reason, retry_delay_ms=0)
+                return
+            except Exception as error:
+                policy = self._flow_policy(assignment, definition)
+                delay = 0
+                if policy.should_retry(error, context.attempt) and not (
+                    isinstance(error, StepFailedError)
+                    and error.error_type in policy.error_type_names
+                ):
+                    delay = max(1, policy.delay_ms(context.attempt))
+                await self._fail(assignment, error, "", retry_delay_ms=delay)
+                return
+        finally:
+            FlowContext.deactivate(token)
+        completed = worker_pb2.FlowCompleted(
+            flow_id=assignment.flow_id, lease_token=assignment.lease_token, result=payload
+        )
+        await self._request(worker_pb2.WorkerEvent(flow_completed=completed))
+        self.flows_completed += 1
+
+    @staticmethod
+    def _flow_policy(
+        assignment: worker_pb2.Assignment, definition: FlowTypeDefinition
+    ) -> RetryPolicy:
+        if assignment.HasField("retry_policy"):
+            wire = assignment.retry_policy
+            return RetryPolicy(
+                max_attempts=max(1, wire.max_attempts),
+                initial_delay_ms=wire.initial_delay_ms,
+                max_delay_ms=wire.max_delay_ms,
+                backoff_multiplier=max(1.0, wire.backoff_multiplier),
+                non_retryable_errors=tuple(wire.non_retryable_error_types),
+            )
+        return definition.flow.retry_policy or RetryPolicy.NONE
+
+    async def _fail(
+        self,
+        assignment: worker_pb2.Assignment,
+        error: BaseException,
+        reason: str,
+        *,
+        retry_delay_ms: int,
+    ) -> None:
+        failure = failure_from_exception(error, non_retryable=retry_delay_ms == 0)
+        if reason:
+            failure.reason = reason
+        if retry_delay_ms:
+            log.info(
+                "flow %s attempt %d failed (%s); retrying in %d ms",
+                assignment.flow_id,
+                assignment.attempt,
+                failure.type,
+                retry_delay_ms,
+            )
+        else:
+            log.info("flow %s failed: %s: %s", assignment.flow_id, failure.type, failure.message)
+            self.flows_failed += 1
+        failed = worker_pb2.FlowFailed(
+            flow_id=assignment.flow_id,
+            lease_token=assignment.lease_token,
+            failure=failure,
+            retry_delay_ms=retry_delay_ms,
+        )
+        await self._request(worker_pb2.WorkerEvent(flow_failed=failed))
+
+    @property
+    def running(self) -> int:
+        """Flows running now."""
+        return len(self._running)
+
+    async def _shutdown(self, grace_s: float) -> None:
+        stream, task = self._stream, self._stream_task
+        if stream is None or task is None:
+            return
+        stream.set_capacity(0)
+        if self._running:
+            tasks = [r.task for r in self._running.values()]
+            _, late = await asyncio.wait(tasks, timeout=grace_s)
+            if late:
+                log.info("%d flows still running after the grace period; releasing them", len(late))
+            for flow_id, running in list(self._running.items()):
+                self._drop(flow_id)
+                release = worker_pb2.Release(flow_id=flow_id, lease_token=running.lease_token)
+                with contextlib.suppress(RpcError):
+                    async with asyncio.timeout(5):
+                        await stream.request(worker_pb2.WorkerEvent(release=release))
+        await stream.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        self._stream = None
+        self._stream_task = None
+
+
+class WorkerHandle:
+    """A started worker."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    async def shutdown(self, grace: float = 30.0) -> None:
+        """Stop taking flows, let running ones finish for up to `grace` seconds, release the rest.
+
+        Idempotent.
+        """
+        await self.worker._shutdown(grace)
