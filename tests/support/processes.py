@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -127,6 +127,16 @@ class WorkerProcess:
             cwd=workdir,
         )
 
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the worker has registered with the server."""
+        deadline = time.monotonic() + timeout
+        while "worker started" not in self.output.read_text(errors="replace"):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"worker {self.worker_id} did not start:\n{self.output.read_text()}"
+                )
+            time.sleep(0.05)
+
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
@@ -159,10 +169,10 @@ def step_runs(path: Path) -> Counter[tuple[str, str]]:
 
 
 async def eventually(
-    check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = ""
+    check: Callable[[], Any], within: float = 30.0, interval: float = 0.05, what: str = ""
 ) -> Any:
     """Poll until `check()` is truthy; fail with `what` after the timeout."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         value = check()
         if asyncio.iscoroutine(value):
@@ -170,11 +180,9 @@ async def eventually(
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout}s: {what}")
+            raise AssertionError(f"not true after {within}s: {what}")
         await asyncio.sleep(interval)
 
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0", "false")
-
-

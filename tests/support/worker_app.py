@@ -156,9 +156,7 @@ async def main() -> None:
         print("worker started", flush=True)
         await stop.wait()
         await handle.shutdown(grace=5)
-        print(
-            f"max_running={worker.max_running} completed={worker.flows_completed}", flush=True
-        )
+        print(f"max_running={worker.max_running} completed={worker.flows_completed}", flush=True)
 
 
 if __name__ == "__main__":

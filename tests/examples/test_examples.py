@@ -1,0 +1,45 @@
+"""Every example runs, as the README tells people to run it, against a real server process."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from tests.support.processes import ROOT, ServerProcess
+
+
+async def run_example(script: str, *args: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "examples" / script),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), timeout=120)
+    text = out.decode()
+    assert process.returncode == 0, text
+    return text
+
+
+async def test_quickstart(server_process: ServerProcess) -> None:
+    out = await run_example("quickstart.py", "--address", server_process.address)
+    assert "COMPLETED, result 'payment-ORD-001'" in out
+    assert "validate#1: COMPLETED -> True" in out
+
+
+async def test_complex_multi_worker_load(server_process: ServerProcess, tmp_path: Path) -> None:
+    out = await run_example(
+        "complex_multi_worker_load.py",
+        "--address",
+        server_process.address,
+        "--workers",
+        "3",
+        "--flows",
+        "300",
+    )
+    assert "300 flows on 3 workers" in out and "each completed once: True" in out
+    for worker in ("worker-1", "worker-2", "worker-3"):
+        assert f"{worker}:" in out

@@ -1,0 +1,259 @@
+"""The SDK's worker against a real in-process server: replay, retries, failures, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+
+from ergon_worker_sdk import (
+    Client,
+    FlowStatus,
+    NonRetryableError,
+    RetryPolicy,
+    StepFailedError,
+    Worker,
+    flow,
+    flow_type,
+    step,
+)
+from tests.support.processes import eventually
+
+RUNS: dict[str, int] = {}
+GATE: dict[str, asyncio.Event] = {}
+
+
+def ran(name: str) -> None:
+    RUNS[name] = RUNS.get(name, 0) + 1
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    RUNS.clear()
+    GATE.clear()
+
+
+@dataclass
+@flow_type(type_id="Pausing")
+class Pausing:
+    amount: int
+
+    @step
+    async def reserve(self, amount: int) -> dict[str, int]:
+        ran("reserve")
+        return {"reserved": amount}
+
+    @step
+    async def wait_here(self) -> str:
+        ran("wait_here")
+        await GATE.setdefault("go", asyncio.Event()).wait()
+        return "passed"
+
+    @flow
+    async def run(self) -> str:
+        reserved = await self.reserve(self.amount)
+        gate = await self.wait_here()
+        return f"{reserved['reserved']}:{gate}"
+
+
+async def start(client: Client, *types: type, name: str = "w", capacity: int = 10):  # type: ignore[no-untyped-def]
+    worker = Worker(client, name, max_concurrency=capacity)
+    await worker.register(*types)
+    return worker, await worker.start()
+
+
+async def test_a_released_flow_replays_recorded_steps_on_the_next_worker(client: Client) -> None:
+    _, first = await start(client, Pausing, name="first")
+    flow_id = await client.schedule(Pausing(7))
+    await eventually(lambda: RUNS.get("wait_here") == 1, what="flow reached the gate")
+    await first.shutdown(grace=0)  # the flow is released unfinished
+    assert (await client.get(flow_id)).status is FlowStatus.PENDING
+    GATE["go"].set()
+    _, second = await start(client, Pausing, name="second")
+    outcome = await client.wait(flow_id, timeout=10)
+    await second.shutdown()
+    assert (outcome.status, outcome.result) == (FlowStatus.COMPLETED, "7:passed")
+    assert RUNS == {"reserve": 1, "wait_here": 2}
+    history = await client.history(flow_id)
+    assert [(e.key, e.result) for e in history] == [
+        ("reserve#1", {"reserved": 7}),
+        ("wait_here#1", "passed"),
+    ]
+
+
+@dataclass
+@flow_type(type_id="Pausing")
+class PausingChanged:
+    amount: int
+
+    @step
+    async def reserve(self, amount: int) -> dict[str, int]:
+        ran("reserve")
+        return {"reserved": amount}
+
+    @flow
+    async def run(self) -> str:
+        reserved = await self.reserve(self.amount + 1)  # new code: other arguments
+        return str(reserved)
+
+
+async def test_changed_step_arguments_are_a_history_mismatch(client: Client) -> None:
+    _, first = await start(client, Pausing, name="old-code")
+    flow_id = await client.schedule(Pausing(1))
+    await eventually(lambda: RUNS.get("wait_here") == 1, what="flow reached the gate")
+    await first.shutdown(grace=0)
+    _, second = await start(client, PausingChanged, name="new-code")
+    outcome = await client.wait(flow_id, timeout=10)
+    await second.shutdown()
+    assert outcome.status is FlowStatus.FAILED
+    assert outcome.error is not None and outcome.error.reason == "HISTORY_MISMATCH"
+    assert RUNS["reserve"] == 1
+
+
+@dataclass
+@flow_type
+class Compensating:
+    order: str
+
+    @step
+    async def charge(self) -> str:
+        ran("charge")
+        raise NonRetryableError("card declined")
+
+    @step
+    async def refund(self, why: str) -> str:
+        return f"refunded:{why}"
+
+    @flow
+    async def run(self) -> str:
+        try:
+            return await self.charge()
+        except StepFailedError as error:
+            return await self.refund(error.message)
+
+
+async def test_a_failed_step_surfaces_in_the_flow_which_can_compensate(client: Client) -> None:
+    _, handle = await start(client, Compensating)
+    flow_id = await client.schedule(Compensating("o"))
+    outcome = await client.wait(flow_id, timeout=10)
+    await handle.shutdown()
+    assert outcome.result == "refunded:card declined"
+    history = await client.history(flow_id)
+    assert [(e.key, e.status) for e in history] == [
+        ("charge#1", "FAILED"),
+        ("refund#1", "COMPLETED"),
+    ]
+    assert history[0].error is not None and history[0].error.type == "NonRetryableError"
+
+
+@dataclass
+@flow_type
+class RetriedFlow:
+    tag: str
+
+    @step
+    async def prepare(self) -> str:
+        ran("prepare")
+        return "ready"
+
+    @step
+    async def fragile(self) -> str:
+        ran("fragile")
+        if RUNS["fragile"] == 1:
+            raise RuntimeError("first time fails")
+        return "ok"
+
+    @flow(retry_policy=RetryPolicy(max_attempts=2, initial_delay_ms=10))
+    async def run(self) -> str:
+        return await self.prepare() + "/" + await self.fragile()
+
+
+async def test_flow_retry_replays_completed_steps_and_reruns_failed_ones(client: Client) -> None:
+    _, handle = await start(client, RetriedFlow)
+    flow_id = await client.schedule(RetriedFlow("t"))
+    outcome = await client.wait(flow_id, timeout=10)
+    await handle.shutdown()
+    assert (outcome.status, outcome.result, outcome.attempt) == (
+        FlowStatus.COMPLETED,
+        "ready/ok",
+        2,
+    )
+    assert RUNS == {"prepare": 1, "fragile": 2}
+
+
+@dataclass
+@flow_type
+class FailsForGood:
+    tag: str
+
+    @flow(
+        retry_policy=RetryPolicy(
+            max_attempts=3, initial_delay_ms=1, non_retryable_errors=(ValueError,)
+        )
+    )
+    async def run(self) -> str:
+        ran("run")
+        raise ValueError("bad order")
+
+
+async def test_non_retryable_flow_error_fails_at_once(client: Client) -> None:
+    _, handle = await start(client, FailsForGood)
+    outcome = await client.wait(await client.schedule(FailsForGood("x")), timeout=10)
+    await handle.shutdown()
+    assert outcome.status is FlowStatus.FAILED and outcome.attempt == 1
+    assert outcome.error is not None and (outcome.error.type, outcome.error.message) == (
+        "ValueError",
+        "bad order",
+    )
+    assert RUNS == {"run": 1}
+
+
+@dataclass
+@flow_type
+class Parallel:
+    n: int
+
+    @step
+    async def square(self, x: int) -> int:
+        await asyncio.sleep(0.001 * (5 - x))
+        return x * x
+
+    @flow
+    async def run(self) -> list[int]:
+        return list(await asyncio.gather(*(self.square(i) for i in range(self.n))))
+
+
+async def test_gathered_steps_get_deterministic_keys(client: Client) -> None:
+    _, handle = await start(client, Parallel)
+    flow_id = await client.schedule(Parallel(4))
+    outcome = await client.wait(flow_id, timeout=10)
+    await handle.shutdown()
+    assert outcome.result == [0, 1, 4, 9]
+    history = {e.key: e.result for e in await client.history(flow_id)}
+    assert history == {"square#1": 0, "square#2": 1, "square#3": 4, "square#4": 9}
+
+
+async def test_cancelling_a_running_flow_stops_it_on_the_worker(client: Client) -> None:
+    worker, handle = await start(client, Pausing, Parallel)
+    flow_id = await client.schedule(Pausing(3))
+    await eventually(lambda: RUNS.get("wait_here") == 1, what="flow reached the gate")
+    cancelled = await client.cancel(flow_id, reason="customer asked")
+    assert cancelled.status is FlowStatus.CANCELLED
+    await eventually(lambda: worker.running == 0, what="worker dropped the flow")
+    # The worker carries on with other work.
+    outcome = await client.wait(await client.schedule(Parallel(2)), timeout=10)
+    await handle.shutdown()
+    assert outcome.status is FlowStatus.COMPLETED
+    assert (await client.get(flow_id)).status is FlowStatus.CANCELLED
+
+
+async def test_start_at_delays_the_flow(client: Client) -> None:
+    import datetime
+
+    _, handle = await start(client, Parallel)
+    start_at = datetime.datetime.now(datetime.UTC) + datetime.timedelta(milliseconds=600)
+    flow_id = await client.schedule(Parallel(1), start_at=start_at)
+    outcome = await client.wait(flow_id, timeout=10)
+    await handle.shutdown()
+    assert outcome.completed_at is not None and outcome.completed_at >= start_at
