@@ -38,7 +38,11 @@ def generate(out: Path) -> None:
         f"--mypy_grpc_out={out}",
         *protos,
     ]
-    subprocess.run(cmd, check=True, cwd=PROTO_ROOT)
+    # mypy-protobuf announces every file on stderr; show it only when protoc fails.
+    done = subprocess.run(cmd, cwd=PROTO_ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise SystemExit(f"protoc failed with exit code {done.returncode}")
     for path in sorted(out.rglob("*.py*")):
         if path.suffix not in (".py", ".pyi"):
             continue

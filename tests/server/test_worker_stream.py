@@ -1,0 +1,163 @@
+"""The worker stream at the protocol level, with raw stubs: registration, fencing, acks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from ergon_worker_sdk._client import translate
+from ergon_worker_sdk.proto.ergon.v1 import (
+    common_pb2,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
+from ergon_worker_sdk.testing import ErgonTestServer
+
+Call = grpc.aio.StreamStreamCall[worker_pb2.ConnectRequest, worker_pb2.ConnectResponse]
+
+
+@pytest.fixture
+async def channel(test_server: ErgonTestServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(test_server.address) as channel:
+        yield channel
+
+
+def event(**kw: object) -> worker_pb2.ConnectRequest:
+    return worker_pb2.ConnectRequest(events=[worker_pb2.WorkerEvent(**kw)])  # type: ignore[arg-type]
+
+
+def register(
+    capacity: int = 2, version: int = 1, held: list[worker_pb2.HeldLease] | None = None
+) -> worker_pb2.ConnectRequest:
+    return event(
+        register=worker_pb2.Register(
+            worker_id="raw",
+            flow_types=["Raw"],
+            capacity=capacity,
+            protocol_version=version,
+            held_leases=held or [],
+        )
+    )
+
+
+async def read_events(call: Call, kind: str, count: int = 1) -> list[worker_pb2.ServerEvent]:
+    found: list[worker_pb2.ServerEvent] = []
+    while len(found) < count:
+        response = await call.read()
+        assert isinstance(response, worker_pb2.ConnectResponse)
+        found += [e for e in response.events if e.WhichOneof("event") == kind]
+    return found
+
+
+async def schedule(channel: grpc.aio.Channel, flow_id: str) -> None:
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+    await stub.ScheduleFlow(
+        scheduler_pb2.ScheduleFlowRequest(
+            flow_id=flow_id,
+            flow_type="Raw",
+            input=common_pb2.Payload(encoding="json/plain", data=b"{}"),
+        )
+    )
+
+
+async def test_stale_lease_tokens_are_refused_and_fresh_ones_accepted(
+    channel: grpc.aio.Channel,
+) -> None:
+    call: Call = worker_pb2_grpc.WorkerServiceStub(channel).Connect()
+    await call.write(register())
+    (registered,) = await read_events(call, "registered")
+    assert registered.registered.session_id
+    await schedule(channel, "raw-1")
+    (assignment,) = await read_events(call, "assignment")
+    token = assignment.assignment.lease_token
+    payload = common_pb2.Payload(encoding="json/plain", data=b"1")
+    stale = worker_pb2.StepResult(
+        flow_id="raw-1", lease_token=token + 7, key="a#1", attempts=1, result=payload
+    )
+    await call.write(event(seq=1, step_result=stale))
+    (ack,) = await read_events(call, "ack")
+    assert (ack.ack.seq, ack.ack.code, ack.ack.reason) == (
+        1,
+        grpc.StatusCode.FAILED_PRECONDITION.value[0],
+        "LEASE_LOST",
+    )
+    fresh = worker_pb2.StepResult(
+        flow_id="raw-1", lease_token=token, key="a#1", attempts=1, result=payload
+    )
+    await call.write(event(seq=2, step_result=fresh))
+    await call.write(event(seq=3, step_result=fresh))  # a resend after a lost ack is fine
+    acks = await read_events(call, "ack", 2)
+    assert sorted((a.ack.seq, a.ack.code) for a in acks) == [(2, 0), (3, 0)]
+    done = worker_pb2.FlowCompleted(flow_id="raw-1", lease_token=token, result=payload)
+    await call.write(event(seq=4, flow_completed=done))
+    await call.write(event(seq=5, flow_completed=done))
+    acks = await read_events(call, "ack", 2)
+    assert sorted((a.ack.seq, a.ack.code) for a in acks) == [(4, 0), (5, 0)]
+    late = worker_pb2.StepResult(
+        flow_id="raw-1", lease_token=token, key="b#1", attempts=1, result=payload
+    )
+    await call.write(event(seq=6, step_result=late))
+    (ack,) = await read_events(call, "ack")
+    assert ack.ack.reason == "LEASE_LOST"
+    missing = worker_pb2.FlowCompleted(flow_id="nope", lease_token=1, result=payload)
+    await call.write(event(seq=7, flow_completed=missing))
+    (ack,) = await read_events(call, "ack")
+    assert (ack.ack.code, ack.ack.reason) == (grpc.StatusCode.NOT_FOUND.value[0], "FLOW_NOT_FOUND")
+    await call.write(register())  # register again mid-stream: refused, stream stays up
+    await call.write(event(seq=8, heartbeat=worker_pb2.Heartbeat()))
+    (ack,) = await read_events(call, "ack")
+    assert (ack.ack.seq, ack.ack.code) == (8, 0)
+    call.cancel()
+
+
+async def test_capacity_is_never_exceeded_and_capacity_updates_apply(
+    channel: grpc.aio.Channel,
+) -> None:
+    call: Call = worker_pb2_grpc.WorkerServiceStub(channel).Connect()
+    await call.write(register(capacity=2))
+    await read_events(call, "registered")
+    for i in range(5):
+        await schedule(channel, f"cap-{i}")
+    assignments = await read_events(call, "assignment", 2)
+    await call.write(event(seq=1, heartbeat=worker_pb2.Heartbeat()))
+    await read_events(call, "ack")  # had a third assignment come, it would precede this ack
+    first = assignments[0].assignment
+    await call.write(
+        event(
+            seq=2,
+            flow_completed=worker_pb2.FlowCompleted(
+                flow_id=first.flow_id, lease_token=first.lease_token
+            ),
+        )
+    )
+    (more,) = await read_events(call, "assignment")
+    assert more.assignment.flow_id not in {a.assignment.flow_id for a in assignments}
+    call.cancel()
+
+
+@pytest.mark.parametrize(
+    ("first", "code", "reason"),
+    [
+        (
+            event(heartbeat=worker_pb2.Heartbeat()),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "REGISTER_FIRST",
+        ),
+        (register(version=99), grpc.StatusCode.FAILED_PRECONDITION, "PROTOCOL_VERSION"),
+        (register(capacity=0), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+    ],
+    ids=["no-register", "wrong-version", "zero-capacity"],
+)
+async def test_bad_registrations_are_refused(
+    channel: grpc.aio.Channel, first: worker_pb2.ConnectRequest, code: grpc.StatusCode, reason: str
+) -> None:
+    call: Call = worker_pb2_grpc.WorkerServiceStub(channel).Connect()
+    await call.write(first)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    error = translate(caught.value)
+    assert (error.code, error.reason) == (code, reason)
