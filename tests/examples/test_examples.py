@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -43,3 +44,24 @@ async def test_complex_multi_worker_load(server_process: ServerProcess, tmp_path
     assert "300 flows on 3 workers" in out and "each completed once: True" in out
     for worker in ("worker-1", "worker-2", "worker-3"):
         assert f"{worker}:" in out
+
+
+async def test_make_demo_runs_the_quick_start_on_a_throwaway_server() -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = await asyncio.create_subprocess_exec(
+        "make",
+        "--no-print-directory",
+        "demo",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, "ERGON_DEMO_PORT": str(port)},
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), timeout=120)
+    text = out.decode()
+    assert process.returncode == 0, text
+    assert "COMPLETED, result 'payment-ORD-001'" in text
