@@ -66,7 +66,7 @@ from ergon_server.model import (
     StepRecord,
     WriteOutcome,
 )
-from ergon_server.storage.memory import (
+from ergon_server.storage._checks import (
     cancellation_failure,
     check_finish,
     check_limit,
