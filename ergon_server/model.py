@@ -34,6 +34,11 @@ class EntryKind(enum.StrEnum):
     TIMER = "TIMER"
     SIGNAL = "SIGNAL"
     CHILD = "CHILD"
+    # A cancellation request, recorded under the key CANCEL_KEY.
+    CANCEL = "CANCEL"
+
+
+CANCEL_KEY = "$cancel"
 
 
 class EntryStatus(enum.StrEnum):
@@ -77,6 +82,9 @@ class NewFlow:
     start_at: int | None = None
     retry_policy: RetryPolicy | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    # A child flow names its parent and the parent's journal key that waits for it.
+    parent_flow_id: str = ""
+    parent_key: str = ""
 
 
 class ScheduleOutcome(enum.Enum):
@@ -117,6 +125,9 @@ class FlowRecord:
     lease_token: int
     lease_owner: str | None
     lease_expires_at: int | None
+    parent_flow_id: str | None = None
+    # A cancel was asked while the flow ran: it ends CANCELLED whatever it returns.
+    cancel_requested: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +216,8 @@ class CancelOutcome(enum.Enum):
     """The answer to a cancel request."""
 
     CANCELLED = "cancelled"
+    # The flow is RUNNING: it was asked to stop and will end CANCELLED.
+    CANCEL_REQUESTED = "cancel_requested"
     NOT_FOUND = "not_found"
     # Already COMPLETED, FAILED or CANCELLED.
     CLOSED = "closed"
@@ -224,6 +237,8 @@ class SignalResult:
 
     outcome: SignalOutcome
     sequence: int = 0
+    # Set when the signal (or an older one of the same name) satisfied an open wait at once.
+    satisfied: Satisfied | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,3 +247,93 @@ class FlowPage:
 
     flows: list[FlowRecord]
     next_cursor: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class WaitRequest:
+    """A flow (or a step inside it) waits for a timer, a signal or a child flow, fenced.
+
+    The wait's outcome is recorded in the journal under `key` once it is satisfied.
+    TIMER: `fire_at` is the absolute fire time asked for; the first registration of a key
+    fixes it for good (a durable sleep stores its wake time once). SIGNAL: the oldest
+    unconsumed signal named `signal_name` is consumed, exactly once. CHILD: `child` is
+    scheduled (an existing flow with its flow_id is the child) and its end satisfies the wait.
+    """
+
+    flow_id: str
+    lease_token: int
+    key: str
+    kind: EntryKind
+    fire_at: int | None = None
+    signal_name: str = ""
+    child: NewFlow | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WaitResult:
+    """The answer to registering one wait.
+
+    `entry` is set when the wait is already satisfied (its journal entry); `fire_at` is a
+    timer's durable fire time.
+    """
+
+    outcome: WriteOutcome
+    entry: JournalRecord | None = None
+    fire_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SuspendRequest:
+    """A flow whose every branch waits gives its slot back, fenced.
+
+    `open_keys` are the waits it still waits for; its other open waits are cancelled.
+    """
+
+    flow_id: str
+    lease_token: int
+    open_keys: tuple[str, ...]
+
+
+class SuspendOutcome(enum.Enum):
+    """The answer to a suspend."""
+
+    # The flow is WAITING; its lease is cleared.
+    SUSPENDED = "suspended"
+    # One of the open waits is already satisfied: the flow keeps running (see `entries`).
+    RESUME = "resume"
+    # A cancel was requested: the flow is CANCELLED.
+    CANCELLED = "cancelled"
+    LEASE_LOST = "lease_lost"
+    NOT_FOUND = "not_found"
+
+
+@dataclass(frozen=True, slots=True)
+class SuspendResult:
+    """The answer to one suspend; `entries` are the satisfied waits' entries on RESUME."""
+
+    outcome: SuspendOutcome
+    entries: tuple[JournalRecord, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Satisfied:
+    """A wait that became satisfied.
+
+    `status` is the flow's status after it: PENDING when it was WAITING (it is ready now),
+    RUNNING when its worker holds it (that worker must be told: `lease_token`, `lease_owner`).
+    """
+
+    flow_id: str
+    entry: JournalRecord
+    status: FlowStatus
+    lease_token: int
+    lease_owner: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Park:
+    """A flow whose code no longer matches its journal is parked, fenced."""
+
+    flow_id: str
+    lease_token: int
+    error: Failure

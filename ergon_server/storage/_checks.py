@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from ergon_server.errors import InvalidArgumentError
-from ergon_server.model import Failure, FlowFinish, FlowStatus, NewFlow
+from ergon_server.model import (
+    CANCEL_KEY,
+    EntryKind,
+    EntryStatus,
+    Failure,
+    FlowFinish,
+    FlowStatus,
+    NewFlow,
+    WaitRequest,
+)
 
 
 def check_new_flow(flow: NewFlow) -> None:
@@ -59,3 +68,74 @@ def cancellation_failure(reason: str) -> Failure:
         reason: Why the flow was cancelled, as the caller gave it.
     """
     return Failure(type="Cancelled", message=reason, non_retryable=True, reason="CANCELLED")
+
+
+def check_wait(wait: WaitRequest) -> None:
+    """Refuse a wait that no store could register.
+
+    Args:
+        wait: The wait to register.
+
+    Raises:
+        InvalidArgumentError: The key is empty or reserved, the kind is not a wait, or the
+            kind's own field is missing (TIMER `fire_at`, SIGNAL `signal_name`, CHILD `child`,
+            which must be another flow).
+    """
+    where = f"(flow {wait.flow_id!r}, key {wait.key!r})"
+    if not wait.key:
+        raise InvalidArgumentError(f"a wait needs a non-empty key {where}")
+    if wait.key == CANCEL_KEY:
+        raise InvalidArgumentError(f"the key {CANCEL_KEY!r} is reserved for cancellation {where}")
+    if wait.kind is EntryKind.TIMER:
+        if wait.fire_at is None:
+            raise InvalidArgumentError(f"a TIMER wait needs fire_at {where}")
+    elif wait.kind is EntryKind.SIGNAL:
+        if not wait.signal_name:
+            raise InvalidArgumentError(f"a SIGNAL wait needs a signal_name {where}")
+    elif wait.kind is EntryKind.CHILD:
+        if wait.child is None:
+            raise InvalidArgumentError(f"a CHILD wait needs a child flow {where}")
+        check_new_flow(wait.child)
+        if wait.child.flow_id == wait.flow_id:
+            raise InvalidArgumentError(f"a flow cannot wait for itself as its child {where}")
+    else:
+        raise InvalidArgumentError(f"{wait.kind.value} is not a kind of wait {where}")
+
+
+def check_park_delays(initial_delay_ms: int, max_delay_ms: int) -> None:
+    """Refuse negative park delays.
+
+    Raises:
+        InvalidArgumentError: A delay is negative.
+    """
+    if initial_delay_ms < 0 or max_delay_ms < 0:
+        raise InvalidArgumentError("park delays must not be negative")
+
+
+def park_delay_ms(initial_delay_ms: int, max_delay_ms: int, parks: int) -> int:
+    """How long a flow parked `parks` times before waits: min(max, initial * 2 ** parks).
+
+    Args:
+        initial_delay_ms: The delay of the first park.
+        max_delay_ms: The cap.
+        parks: How many times the flow was parked before.
+    """
+    delay = initial_delay_ms
+    for _ in range(parks):
+        if delay >= max_delay_ms:
+            break
+        delay *= 2
+    return min(delay, max_delay_ms)
+
+
+def child_entry(
+    status: FlowStatus, result: bytes | None, error: Failure | None
+) -> tuple[EntryStatus, bytes | None, Failure | None]:
+    """The parent's CHILD entry (status, result, error) for a child that ended so.
+
+    COMPLETED gives a COMPLETED entry with the child's result; FAILED and CANCELLED give a
+    FAILED entry with the child's error (for CANCELLED, its cancellation).
+    """
+    if status is FlowStatus.COMPLETED:
+        return EntryStatus.COMPLETED, result, None
+    return EntryStatus.FAILED, None, error

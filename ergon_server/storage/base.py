@@ -5,6 +5,12 @@ verb's effect is atomic and durable before its call returns). Nothing above `sto
 driver type or a driver exception: drivers' errors leave a store as `StoreUnavailableError`
 (retry may help: locked, disk full, connection lost) or `StoreError`.
 
+Waits: a wait (timer, signal, child flow) is registered under a journal key; when satisfied, its
+outcome becomes that key's journal entry. A satisfied wait of a WAITING flow makes the flow
+PENDING (ready now); of a RUNNING flow, the verb reports it (`Satisfied`) so the engine can tell
+the worker that holds the lease. Verbs that can end a flow (finish, cancel, suspend) report the
+parent waits that the end satisfied in the same way.
+
 Fencing: every write that comes from a worker names a lease (flow_id, lease_token). It applies
 only while the flow is RUNNING under exactly that token; otherwise its outcome is LEASE_LOST and
 nothing changes. Writes are idempotent: recording a step key that is already COMPLETED or
@@ -26,9 +32,15 @@ from ergon_server.model import (
     JournalRecord,
     Lease,
     NewFlow,
+    Park,
+    Satisfied,
     ScheduleResult,
     SignalResult,
     StepRecord,
+    SuspendRequest,
+    SuspendResult,
+    WaitRequest,
+    WaitResult,
     WriteOutcome,
 )
 
@@ -114,11 +126,17 @@ class Store(Protocol):
         """
         ...
 
-    async def finish_flows(self, finishes: Sequence[FlowFinish], now_ms: int) -> list[WriteOutcome]:
+    async def finish_flows(
+        self, finishes: Sequence[FlowFinish], now_ms: int
+    ) -> tuple[list[WriteOutcome], list[Satisfied]]:
         """End flows (or re-queue them for a retry), fenced; see `FlowFinish`.
 
         Finishing a flow that is already in the requested terminal state under the same lease
-        token answers OK (a retried completion).
+        token answers OK (a retried completion). A flow with `cancel_requested` ends CANCELLED
+        whatever was asked (a retry included), with the cancellation as its error. A flow that
+        ends (COMPLETED, FAILED, CANCELLED) with a parent satisfies the parent's CHILD wait
+        (`parent_key`): a COMPLETED entry with the child's result, or a FAILED entry with the
+        child's error; those are returned as `Satisfied`.
         """
         ...
 
@@ -144,8 +162,17 @@ class Store(Protocol):
         """Re-queue RUNNING flows whose lease expired before now_ms (PENDING, ready now)."""
         ...
 
-    async def cancel_flow(self, flow_id: str, reason: str, now_ms: int) -> CancelOutcome:
-        """Cancel a flow that is not terminal: CANCELLED, its lease cleared, reason recorded."""
+    async def cancel_flow(
+        self, flow_id: str, reason: str, now_ms: int
+    ) -> tuple[CancelOutcome, list[Satisfied]]:
+        """Cancel a flow that has not ended, recording a CANCEL entry under `CANCEL_KEY`.
+
+        PENDING or WAITING: CANCELLED at once (lease cleared, open waits cancelled, the
+        cancellation as its error; a parent's CHILD wait is satisfied and returned). RUNNING:
+        `cancel_requested` is set and the answer is CANCEL_REQUESTED; the flow keeps its lease
+        and ends CANCELLED when it finishes or suspends. A second cancel of a RUNNING flow answers
+        CANCEL_REQUESTED again and records nothing more.
+        """
         ...
 
     async def send_signal(
@@ -154,7 +181,9 @@ class Store(Protocol):
         """Append a signal to the flow's (flow, name) mailbox.
 
         A non-empty request_id seen before for this flow answers DELIVERED with the first
-        sequence and appends nothing.
+        sequence and appends nothing. If the flow has an open SIGNAL wait for `name`, the oldest
+        unconsumed signal of that name is consumed into the wait's journal entry (COMPLETED, the
+        signal's payload as result) and reported in `satisfied`.
         """
         ...
 
@@ -162,4 +191,52 @@ class Store(Protocol):
         self, flow: NewFlow, name: str, payload: bytes, now_ms: int
     ) -> tuple[ScheduleResult, SignalResult]:
         """Schedule the flow as `schedule_flows` would and deliver a signal to it, atomically."""
+        ...
+
+    async def register_waits(self, waits: Sequence[WaitRequest], now_ms: int) -> list[WaitResult]:
+        """Register waits, fenced, idempotent by (flow_id, key); one result per wait in order.
+
+        A key that already has a journal entry answers with that entry. Otherwise the wait is
+        (re)opened (a TIMER keeps the fire_at of its first registration) and checked at once:
+        a TIMER due at now_ms fires; a SIGNAL consumes the oldest unconsumed signal of its name;
+        a CHILD is scheduled like `schedule_flows` with the parent's id and key (an existing
+        flow with the child's flow_id is taken as the child) and, if the child has already
+        ended, its outcome is recorded. An entry made this way is returned in `entry`; the flow
+        stays RUNNING.
+        """
+        ...
+
+    async def suspend_flows(
+        self, requests: Sequence[SuspendRequest], now_ms: int
+    ) -> tuple[list[SuspendResult], list[Satisfied]]:
+        """Let flows whose every branch waits give their slot back, fenced.
+
+        The flow's open waits not in `open_keys` are cancelled. If any key in `open_keys` has a
+        journal entry, the answer is RESUME with those entries and nothing else changes.
+        Otherwise a flow with `cancel_requested` ends CANCELLED (as `finish_flows` would end
+        it); any other becomes WAITING with its lease cleared (SUSPENDED).
+        """
+        ...
+
+    async def fire_timers(self, now_ms: int, limit: int) -> list[Satisfied]:
+        """Fire up to `limit` open TIMER waits with fire_at <= now_ms, oldest first.
+
+        Each fired timer becomes a COMPLETED TIMER entry (no result) under its key. A timer of a
+        flow that has ended is cancelled instead. Never fires a timer early.
+        """
+        ...
+
+    async def next_timer_at(self) -> int | None:
+        """The earliest fire_at among open TIMER waits, or None."""
+        ...
+
+    async def park_flows(
+        self, parks: Sequence[Park], now_ms: int, initial_delay_ms: int, max_delay_ms: int
+    ) -> list[WriteOutcome]:
+        """Park flows whose code no longer matches their journal, fenced.
+
+        The flow becomes PENDING with `error` set and ready_at = now_ms + min(max_delay_ms,
+        initial_delay_ms * 2 ** parks), where parks counts its earlier parks; its journal and
+        attempt are untouched, its lease cleared. A later COMPLETED finish clears the error.
+        """
         ...

@@ -11,9 +11,16 @@ all flows of all step records, then one `executemany`).
 Planning keeps the outcome identical to applying the commands one by one in queue order.
 Commands touching disjoint flows commute, so a command may join an earlier stage of its kind
 as long as no earlier command touching one of its flows sits in a later stage; commands whose
-footprint is not a known set of flows (claims, lease expiry and renewal) are barriers that
-nothing crosses. Inside a stage the commands are applied in queue order, repeated flows
-included (a stage simulates the flow states it reads).
+footprint is not a known set of flows (claims, lease expiry and renewal, timer firing) are
+barriers that nothing crosses. Ending a flow also writes the flows whose CHILD waits name it
+(their journal, their status), so before planning a batch reads, for the flows it may end,
+which flows wait for them, and those count as touched too. Inside a stage the commands are
+applied in queue order, repeated flows included: a stage simulates the states it reads
+(`_Sim`: flows, journal sequences, waits) and writes the net effect at the end.
+
+Group commit covers every verb, but only the hot ones (schedule, step records, finishes,
+releases) merge into shared stages; the verbs of waits (register, suspend, signal, cancel,
+park) each get a stage of their own inside the shared transaction.
 
 If a batch fails, it is rolled back and nothing in it is reported applied. A failure that
 retrying cannot cure right now (locked, disk full, I/O error) fails every command of the
@@ -30,6 +37,7 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -46,6 +54,7 @@ from ergon_server.errors import (
     StoreUnavailableError,
 )
 from ergon_server.model import (
+    CANCEL_KEY,
     CancelOutcome,
     ClaimedFlow,
     EntryKind,
@@ -58,12 +67,19 @@ from ergon_server.model import (
     JournalRecord,
     Lease,
     NewFlow,
+    Park,
     RetryPolicy,
+    Satisfied,
     ScheduleOutcome,
     ScheduleResult,
     SignalOutcome,
     SignalResult,
     StepRecord,
+    SuspendOutcome,
+    SuspendRequest,
+    SuspendResult,
+    WaitRequest,
+    WaitResult,
     WriteOutcome,
 )
 from ergon_server.storage._checks import (
@@ -71,6 +87,10 @@ from ergon_server.storage._checks import (
     check_finish,
     check_limit,
     check_new_flow,
+    check_park_delays,
+    check_wait,
+    child_entry,
+    park_delay_ms,
 )
 from ergon_server.storage.migrate import (
     SCHEMA_VERSION_DDL,
@@ -211,7 +231,7 @@ def _policy_from_json(text: str | None) -> RetryPolicy | None:
 _FLOW_COLUMNS = (
     "seq, flow_id, flow_type, status, input, result, error, attempt, labels, created_at, "
     "updated_at, ready_at, completed_at, retry_policy, lease_token, lease_owner, "
-    "lease_expires_at"
+    "lease_expires_at, parent_flow_id, cancel_requested"
 )
 
 _JOURNAL_COLUMNS = "sequence, key, kind, status, result, error, attempts, args_hash, recorded_at"
@@ -235,6 +255,8 @@ def _flow_from_row(row: _Row) -> FlowRecord:
         lease_token=row[14],
         lease_owner=row[15],
         lease_expires_at=row[16],
+        parent_flow_id=row[17],
+        cancel_requested=bool(row[18]),
     )
 
 
@@ -287,6 +309,460 @@ async def _fence(conn: aiosqlite.Connection, flow_ids: Iterable[str]) -> dict[st
     return {row[0]: [row[1], row[2]] for row in rows}
 
 
+# --- waits: a stage's view of the flows and waits it touches ------------------------------
+
+_OPEN = "OPEN"
+_SATISFIED = "SATISFIED"
+_CANCELLED = "CANCELLED"
+
+# Everything a stage needs to decide a flow's next state, in one probe per flow.
+# (Each column costs more to carry out of aiosqlite than the probes: the flags share one.)
+_STATE_SQL = (
+    "SELECT flow_id, status, lease_token, lease_owner, journal_seq, parks, attempt, "
+    "cancel_requested "
+    "| (EXISTS (SELECT 1 FROM waits AS w WHERE w.flow_id = flows.flow_id "
+    "AND w.status = 'OPEN') << 1) "
+    "| (EXISTS (SELECT 1 FROM waits AS w WHERE w.child_flow_id = flows.flow_id "
+    "AND w.kind = 'CHILD' AND w.status <> 'SATISFIED') << 2), "
+    "CASE WHEN cancel_requested THEN (SELECT error FROM journal AS j "
+    f"WHERE j.flow_id = flows.flow_id AND j.key = '{CANCEL_KEY}') END "
+    "FROM flows WHERE flow_id IN ({marks})"
+)
+
+# A wait row, and whether its key has a journal entry already.
+_WAIT_COLUMNS = (
+    "w.flow_id, w.key, w.kind, w.status, w.fire_at, w.signal_name, w.child_flow_id, "
+    "w.created_at, EXISTS (SELECT 1 FROM journal AS j WHERE j.flow_id = w.flow_id "
+    "AND j.key = w.key)"
+)
+
+_INSERT_ENTRY = (
+    "INSERT INTO journal (flow_id, key, sequence, kind, status, result, error, attempts, "
+    "args_hash, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+# Inserts a new wait, or sets the status of an existing one (its other fields are kept from
+# the first registration).
+_UPSERT_WAIT = (
+    "INSERT INTO waits (flow_id, key, kind, status, fire_at, signal_name, child_flow_id, "
+    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (flow_id, key) DO UPDATE SET status = excluded.status"
+)
+
+
+class _FlowState:
+    """A flow as a stage simulates it (see `_STATE_SQL`)."""
+
+    __slots__ = (
+        "attempt",
+        "cancel_error",
+        "cancel_requested",
+        "journal_seq",
+        "lease_owner",
+        "lease_token",
+        "open_waits",
+        "parks",
+        "status",
+        "waited_on",
+    )
+
+    def __init__(self, row: _Row) -> None:
+        self.status: str = row[1]
+        self.lease_token: int = row[2]
+        self.lease_owner: str | None = row[3]
+        self.journal_seq: int = row[4]
+        self.parks: int = row[5]
+        self.attempt: int = row[6]
+        flags: int = row[7]
+        self.cancel_requested = bool(flags & 1)
+        # Whether the flow may have OPEN waits (to cancel when it ends).
+        self.open_waits = bool(flags & 2)
+        # Whether a wait not yet satisfied names the flow as its child.
+        self.waited_on = bool(flags & 4)
+        self.cancel_error: str | None = row[8]
+
+    def holds(self, lease_token: int) -> bool:
+        return self.status == "RUNNING" and self.lease_token == lease_token
+
+    def cancellation(self) -> Failure:
+        """The error of a flow ended by its cancel request: its CANCEL entry's."""
+        return _failure_from_json(self.cancel_error) or cancellation_failure("")
+
+
+class _WaitRow:
+    """A wait as a stage simulates it."""
+
+    __slots__ = (
+        "child_flow_id",
+        "created_at",
+        "fire_at",
+        "has_entry",
+        "kind",
+        "signal_name",
+        "status",
+    )
+
+    def __init__(
+        self,
+        kind: EntryKind,
+        status: str,
+        fire_at: int | None,
+        signal_name: str | None,
+        child_flow_id: str | None,
+        created_at: int,
+        has_entry: bool,
+    ) -> None:
+        self.kind = kind
+        self.status = status
+        self.fire_at = fire_at
+        self.signal_name = signal_name
+        self.child_flow_id = child_flow_id
+        self.created_at = created_at
+        # Whether the key had a journal entry when the row was read.
+        self.has_entry = has_entry
+
+
+class _Sim:
+    """What one stage reads and writes about flows, journal entries and waits.
+
+    A stage reads each flow's state once (`load`), applies its commands in order to these
+    simulated states, and `flush` writes the net effect with one `executemany` per statement
+    shape. Reads of waits go through `waits`, where the stage's own changes win over the
+    database. Signal rows and new flows are written at once instead (their reads are direct).
+    """
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+        self.states: dict[str, _FlowState | None] = {}
+        # Pending column values per flow: applying them in any order gives the same rows,
+        # because each is a plain value, the last one set winning.
+        self.updates: dict[str, dict[str, object]] = {}
+        # Pending journal entries, in sequence order per flow.
+        self.records: dict[tuple[str, str], JournalRecord] = {}
+        # Retried flows: (flow_id, last sequence then) to drop FAILED entries up to.
+        self.trims: list[tuple[str, int]] = []
+        self.waits: dict[tuple[str, str], _WaitRow] = {}
+        self.dirty: dict[tuple[str, str], None] = {}
+        # Flows that ended: their OPEN waits are cancelled at flush.
+        self.ended: list[str] = []
+        # Child flow_id -> the (flow_id, key) of the waits that name it, sorted.
+        self.links: dict[str, list[tuple[str, str]]] = {}
+
+    async def load(self, flow_ids: Iterable[str]) -> None:
+        """Read the state of the flows not read yet (None for a missing flow)."""
+        missing = [flow_id for flow_id in _unique(flow_ids) if flow_id not in self.states]
+        if not missing:
+            return
+        for flow_id in missing:
+            self.states[flow_id] = None
+        for row in await _fetch_in(self.conn, _STATE_SQL, missing):
+            self.states[row[0]] = _FlowState(row)
+
+    def forget(self, flow_ids: Iterable[str]) -> None:
+        """Drop cached absences of flows that a command has just created."""
+        for flow_id in flow_ids:
+            if flow_id in self.states and self.states[flow_id] is None:
+                del self.states[flow_id]
+
+    def state(self, flow_id: str) -> _FlowState:
+        state = self.states.get(flow_id)
+        if state is None:
+            raise StoreError(f"flow {flow_id!r} was not loaded")
+        return state
+
+    def update(self, flow_id: str, **columns: object) -> None:
+        self.updates.setdefault(flow_id, {}).update(columns)
+
+    def entry(self, flow_id: str, key: str) -> JournalRecord | None:
+        """An entry this stage recorded."""
+        return self.records.get((flow_id, key))
+
+    def add_entry(
+        self,
+        flow_id: str,
+        key: str,
+        kind: EntryKind,
+        status: EntryStatus,
+        result: bytes | None,
+        error: Failure | None,
+        now_ms: int,
+    ) -> JournalRecord:
+        """A wait's or cancellation's entry: one attempt, no args hash, the next sequence."""
+        state = self.state(flow_id)
+        state.journal_seq += 1
+        record = JournalRecord(state.journal_seq, key, kind, status, result, error, 1, "", now_ms)
+        self.records[(flow_id, key)] = record
+        return record
+
+    def cache_wait(self, row: _Row) -> _WaitRow:
+        """The stage's view of a wait read from the database (its own changes win)."""
+        pair = (row[0], row[1])
+        wait = self.waits.get(pair)
+        if wait is None:
+            wait = _WaitRow(EntryKind(row[2]), row[3], row[4], row[5], row[6], row[7], bool(row[8]))
+            self.waits[pair] = wait
+        return wait
+
+    def put_wait(self, flow_id: str, key: str, wait: _WaitRow) -> None:
+        self.waits[(flow_id, key)] = wait
+        self.dirty[(flow_id, key)] = None
+        if wait.status == _OPEN:
+            state = self.states.get(flow_id)
+            if state is not None:
+                state.open_waits = True
+
+    def set_wait(self, flow_id: str, key: str, wait: _WaitRow, status: str) -> None:
+        wait.status = status
+        self.put_wait(flow_id, key, wait)
+
+    async def load_waits(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Read these waits into `waits` (absent ones stay absent)."""
+        wanted = [pair for pair in dict.fromkeys(pairs) if pair not in self.waits]
+        for chunk in _chunks(wanted):
+            rows = await self.conn.execute_fetchall(
+                _by_pairs(f"SELECT {_WAIT_COLUMNS} FROM {{pairs}} JOIN waits AS w", "w", chunk),
+                [value for pair in chunk for value in pair],
+            )
+            for row in rows:
+                self.cache_wait(row)
+
+    async def load_links(self, child_ids: Iterable[str]) -> None:
+        """Read the waits naming these flows as children, and their flows' states."""
+        missing = [child for child in _unique(child_ids) if child not in self.links]
+        if not missing:
+            return
+        for child in missing:
+            self.links[child] = []
+        rows = await _fetch_in(
+            self.conn,
+            f"SELECT {_WAIT_COLUMNS} FROM waits AS w WHERE w.kind = 'CHILD' "
+            "AND w.status <> 'SATISFIED' AND w.child_flow_id IN ({marks})",
+            missing,
+        )
+        for row in rows:
+            self.cache_wait(row)
+            self.links[row[6]].append((row[0], row[1]))
+        for child in missing:
+            self.links[child].sort()
+        await self.load(row[0] for row in rows)
+
+    def satisfy(
+        self,
+        flow_id: str,
+        key: str,
+        wait: _WaitRow,
+        status: EntryStatus,
+        result: bytes | None,
+        error: Failure | None,
+        now_ms: int,
+    ) -> Satisfied | None:
+        """Satisfy a wait (once): record its entry and wake its flow if it waited for it.
+
+        Returns what to report: None when the wait was not OPEN (a CANCELLED wait gets its
+        entry and leaves the flow alone) or when its key already had an entry.
+        """
+        was_open = wait.status == _OPEN
+        self.set_wait(flow_id, key, wait, _SATISFIED)
+        if wait.has_entry or (flow_id, key) in self.records:
+            return None
+        record = self.add_entry(flow_id, key, wait.kind, status, result, error, now_ms)
+        if not was_open:
+            return None
+        state = self.state(flow_id)
+        if state.status == "WAITING":
+            state.status = "PENDING"
+            state.lease_owner = None
+            self.update(
+                flow_id,
+                status="PENDING",
+                ready_at=now_ms,
+                updated_at=now_ms,
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+        return Satisfied(
+            flow_id, record, FlowStatus(state.status), state.lease_token, state.lease_owner
+        )
+
+    def end_now(
+        self,
+        flow_id: str,
+        status: FlowStatus,
+        result: bytes | None,
+        error: Failure | None,
+        now_ms: int,
+    ) -> bool:
+        """End a flow and cancel its open waits; True if waits may name it as a child.
+
+        Then `satisfy_parents` must follow (see `end`); most flows are nobody's child, so the
+        common path stays synchronous.
+        """
+        state = self.state(flow_id)
+        state.status = status.value
+        state.lease_owner = None
+        if status is FlowStatus.COMPLETED:
+            state.parks = 0
+        self.update(
+            flow_id,
+            status=status.value,
+            result=result,
+            error=_failure_to_json(error),
+            completed_at=now_ms,
+            updated_at=now_ms,
+            lease_owner=None,
+            lease_expires_at=None,
+            parks=state.parks,
+        )
+        if state.open_waits:
+            state.open_waits = False
+            self.ended.append(flow_id)
+            for (owner, _), wait in self.waits.items():
+                if owner == flow_id and wait.status == _OPEN:
+                    wait.status = _CANCELLED
+        return state.waited_on
+
+    async def satisfy_parents(
+        self,
+        flow_id: str,
+        status: FlowStatus,
+        result: bytes | None,
+        error: Failure | None,
+        now_ms: int,
+    ) -> list[Satisfied]:
+        """Satisfy the waits naming an ended flow as their child (`end_now` first)."""
+        await self.load_links([flow_id])
+        entry = child_entry(status, result, error)
+        satisfied: list[Satisfied] = []
+        for parent_id, key in self.links[flow_id]:
+            wait = self.waits[(parent_id, key)]
+            parent = self.states.get(parent_id)
+            if wait.status == _SATISFIED or parent is None or parent.status in _TERMINAL:
+                continue
+            done = self.satisfy(parent_id, key, wait, *entry, now_ms)
+            if done is not None:
+                satisfied.append(done)
+        return satisfied
+
+    async def end(
+        self,
+        flow_id: str,
+        status: FlowStatus,
+        result: bytes | None,
+        error: Failure | None,
+        now_ms: int,
+    ) -> list[Satisfied]:
+        """End a flow: cancel its open waits and satisfy the waits for it as a child."""
+        if not self.end_now(flow_id, status, result, error, now_ms):
+            return []
+        return await self.satisfy_parents(flow_id, status, result, error, now_ms)
+
+    async def flush(self) -> None:
+        """Write the stage's net effect."""
+        conn = self.conn
+        groups: dict[tuple[str, ...], list[tuple[object, ...]]] = {}
+        for flow_id, columns in self.updates.items():
+            # Same code path, same column order: one statement per path.
+            groups.setdefault(tuple(columns), []).append((*columns.values(), flow_id))
+        for names, rows in groups.items():
+            assignments = ", ".join(f"{name} = ?" for name in names)
+            await conn.executemany(f"UPDATE flows SET {assignments} WHERE flow_id = ?", rows)
+        if self.records:
+            await conn.executemany(
+                _INSERT_ENTRY,
+                [
+                    (
+                        flow_id,
+                        record.key,
+                        record.sequence,
+                        record.kind.value,
+                        record.status.value,
+                        record.result,
+                        _failure_to_json(record.error),
+                        record.attempts,
+                        record.args_hash,
+                        record.recorded_at,
+                    )
+                    for (flow_id, _), record in self.records.items()
+                ],
+            )
+        if self.trims:
+            # Entries recorded after the retry (higher sequences) are kept.
+            await conn.executemany(
+                "DELETE FROM journal WHERE flow_id = ? AND status = 'FAILED' AND sequence <= ?",
+                self.trims,
+            )
+        if self.dirty:
+            rows = []
+            for flow_id, key in self.dirty:
+                wait = self.waits[(flow_id, key)]
+                rows.append(
+                    (
+                        flow_id,
+                        key,
+                        wait.kind.value,
+                        wait.status,
+                        wait.fire_at,
+                        wait.signal_name,
+                        wait.child_flow_id,
+                        wait.created_at,
+                    )
+                )
+            await conn.executemany(_UPSERT_WAIT, rows)
+        if self.ended:
+            await conn.executemany(
+                "UPDATE waits SET status = 'CANCELLED' WHERE flow_id = ? AND status = 'OPEN'",
+                [(flow_id,) for flow_id in self.ended],
+            )
+
+
+_JOURNAL_ROW = ", ".join("j." + column.strip() for column in _JOURNAL_COLUMNS.split(","))
+
+
+def _by_pairs(select: str, alias: str, pairs: Sequence[tuple[str, str]]) -> str:
+    """`select` (with a `{pairs}` table) restricted to these (flow_id, key) pairs.
+
+    A join against a VALUES list probes the primary key once per pair, where SQLite would
+    scan the table for `(flow_id, key) IN (VALUES ...)`.
+    """
+    values = "(VALUES " + ", ".join(["(?, ?)"] * len(pairs)) + ") AS pairs"
+    return (
+        select.format(pairs=values)
+        + f" ON {alias}.flow_id = pairs.column1 AND {alias}.key = pairs.column2"
+    )
+
+
+async def _consume_signal(
+    conn: aiosqlite.Connection, flow_id: str, name: str, key: str, now_ms: int
+) -> bytes | None:
+    """Consume the oldest unconsumed signal of the mailbox into `key`; its payload or None."""
+    rows = list(
+        await conn.execute_fetchall(
+            "UPDATE signals SET consumed_at = ?, consumed_key = ? WHERE rowid = ("
+            "SELECT rowid FROM signals WHERE flow_id = ? AND name = ? AND consumed_at IS NULL "
+            "ORDER BY sequence LIMIT 1) RETURNING payload",
+            (now_ms, key, flow_id, name),
+        )
+    )
+    return rows[0][0] if rows else None
+
+
+async def _journal_entries(
+    conn: aiosqlite.Connection, pairs: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], JournalRecord]:
+    """The stored journal entries under these (flow_id, key) pairs."""
+    found: dict[tuple[str, str], JournalRecord] = {}
+    for chunk in _chunks(list(dict.fromkeys(pairs))):
+        rows = await conn.execute_fetchall(
+            _by_pairs(
+                f"SELECT j.flow_id, {_JOURNAL_ROW} FROM {{pairs}} JOIN journal AS j", "j", chunk
+            ),
+            [value for pair in chunk for value in pair],
+        )
+        for row in rows:
+            found[(row[0], row[2])] = _journal_from_row(row, 1)
+    return found
+
+
 # --- write commands ----------------------------------------------------------------------
 
 
@@ -311,6 +787,14 @@ class _Command(Generic[_T]):
 
     def resources(self) -> Iterable[str]:
         """Names of what this command reads or writes, to order it against others."""
+        return ()
+
+    def ending_flows(self) -> Iterable[str]:
+        """Flows this command may end: it also writes the flows that wait for them as children."""
+        return ()
+
+    def child_links(self) -> Iterable[tuple[str, str]]:
+        """(child flow_id, waiting flow_id) of the CHILD waits this command may create."""
         return ()
 
     @classmethod
@@ -384,6 +868,8 @@ async def _schedule(
                     now_ms,
                     now_ms,
                     ready_at,
+                    flow.parent_flow_id or None,
+                    flow.parent_key or None,
                 )
             )
         elif known == (flow.flow_type, flow.input):
@@ -398,8 +884,8 @@ async def _schedule(
     if new_flows:
         await conn.executemany(
             "INSERT INTO flows (flow_id, flow_type, status, input, attempt, labels, "
-            "retry_policy, created_at, updated_at, ready_at) "
-            "VALUES (?, ?, 'PENDING', ?, 1, ?, ?, ?, ?, ?)",
+            "retry_policy, created_at, updated_at, ready_at, parent_flow_id, parent_key) "
+            "VALUES (?, ?, 'PENDING', ?, 1, ?, ?, ?, ?, ?, ?, ?)",
             new_flows,
         )
     if new_requests:
@@ -411,12 +897,14 @@ async def _schedule(
 
 async def _send_signal(
     conn: aiosqlite.Connection,
+    sim: _Sim,
     flow_id: str,
     name: str,
     payload: bytes,
     request_id: str,
     now_ms: int,
 ) -> SignalResult:
+    """Append a signal; if the flow has an open wait for its name, satisfy the oldest one."""
     rows = list(
         await conn.execute_fetchall(
             "SELECT status, (SELECT sequence FROM signals "
@@ -440,7 +928,30 @@ async def _send_signal(
             (flow_id, name, flow_id, name, payload, request_id, now_ms),
         )
     )
-    return SignalResult(SignalOutcome.DELIVERED, inserted[0][0])
+    sequence = inserted[0][0]
+    waits = list(
+        await conn.execute_fetchall(
+            f"SELECT {_WAIT_COLUMNS} FROM waits AS w WHERE w.flow_id = ? AND w.signal_name = ? "
+            "AND w.status = 'OPEN' AND w.kind = 'SIGNAL' ORDER BY w.created_at, w.key",
+            (flow_id, name),
+        )
+    )
+    if waits:
+        await sim.load([flow_id])
+    for row in waits:
+        wait = sim.cache_wait(row)
+        key = row[1]
+        if wait.status != _OPEN:
+            continue
+        if wait.has_entry or sim.entry(flow_id, key) is not None:
+            sim.set_wait(flow_id, key, wait, _SATISFIED)
+            continue
+        consumed = await _consume_signal(conn, flow_id, name, key, now_ms)
+        if consumed is None:
+            break
+        done = sim.satisfy(flow_id, key, wait, EntryStatus.COMPLETED, consumed, None, now_ms)
+        return SignalResult(SignalOutcome.DELIVERED, sequence, done)
+    return SignalResult(SignalOutcome.DELIVERED, sequence)
 
 
 class _ScheduleFlows(_Command[list[ScheduleResult]]):
@@ -542,13 +1053,13 @@ class _RecordSteps(_Command[list[WriteOutcome]]):
             await conn.executemany(_UPSERT_STEP, rows)
 
 
-class _FinishFlows(_Command[list[WriteOutcome]]):
+class _FinishFlows(_Command[tuple[list[WriteOutcome], list[Satisfied]]]):
     __slots__ = ("finishes", "now_ms")
     mergeable = True
 
     def __init__(
         self,
-        future: asyncio.Future[list[WriteOutcome]],
+        future: asyncio.Future[tuple[list[WriteOutcome], list[Satisfied]]],
         finishes: Sequence[FlowFinish],
         now_ms: int,
     ) -> None:
@@ -559,62 +1070,71 @@ class _FinishFlows(_Command[list[WriteOutcome]]):
     def resources(self) -> Iterable[str]:
         return _flow_resources(finish.flow_id for finish in self.finishes)
 
+    def ending_flows(self) -> Iterable[str]:
+        return [finish.flow_id for finish in self.finishes]
+
     @classmethod
     async def apply_all(cls, conn: aiosqlite.Connection, commands: Sequence[Self]) -> None:
-        """Fence with one SELECT, simulate the transitions in order, write them at once."""
-        states = await _fence(
-            conn, (finish.flow_id for command in commands for finish in command.finishes)
+        """Read the flows once, simulate the transitions in order, write them at once.
+
+        Only flows that some wait names as a child cost more: one read of those waits and
+        of their flows' states for the whole stage.
+        """
+        sim = _Sim(conn)
+        await sim.load(finish.flow_id for command in commands for finish in command.finishes)
+        await sim.load_links(
+            flow_id
+            for flow_id, state in sim.states.items()
+            if state is not None and state.waited_on
         )
-        ends: list[tuple[object, ...]] = []
-        retries: list[tuple[object, ...]] = []
         for command in commands:
             now_ms = command.now_ms
             outcomes: list[WriteOutcome] = []
+            satisfied: list[Satisfied] = []
             for finish in command.finishes:
-                state = states.get(finish.flow_id)
+                state = sim.states.get(finish.flow_id)
                 if state is None:
                     outcomes.append(WriteOutcome.NOT_FOUND)
-                elif state[1] != finish.lease_token:
+                elif state.lease_token != finish.lease_token:
                     outcomes.append(WriteOutcome.LEASE_LOST)
-                elif state[0] == "RUNNING":
+                elif state.status == "RUNNING":
                     outcomes.append(WriteOutcome.OK)
-                    error = _failure_to_json(finish.error)
-                    if finish.status is FlowStatus.FAILED and finish.retry_delay_ms > 0:
-                        state[0] = "PENDING"
-                        retries.append(
-                            (error, now_ms + finish.retry_delay_ms, now_ms, finish.flow_id)
+                    if state.cancel_requested:
+                        satisfied += await sim.end(
+                            finish.flow_id, FlowStatus.CANCELLED, None, state.cancellation(), now_ms
                         )
+                    elif finish.status is FlowStatus.FAILED and finish.retry_delay_ms > 0:
+                        state.status = "PENDING"
+                        state.lease_owner = None
+                        state.attempt += 1
+                        sim.update(
+                            finish.flow_id,
+                            status="PENDING",
+                            result=None,
+                            error=_failure_to_json(finish.error),
+                            attempt=state.attempt,
+                            ready_at=now_ms + finish.retry_delay_ms,
+                            updated_at=now_ms,
+                            lease_owner=None,
+                            lease_expires_at=None,
+                        )
+                        sim.trims.append((finish.flow_id, state.journal_seq))
                     else:
-                        state[0] = finish.status.value
                         completed = finish.status is FlowStatus.COMPLETED
                         result = finish.result if completed else None
-                        error = None if completed else error
-                        ends.append(
-                            (finish.status.value, result, error, now_ms, now_ms, finish.flow_id)
-                        )
-                elif state[0] == finish.status.value:
+                        error = None if completed else finish.error
+                        if sim.end_now(finish.flow_id, finish.status, result, error, now_ms):
+                            satisfied += await sim.satisfy_parents(
+                                finish.flow_id, finish.status, result, error, now_ms
+                            )
+                elif state.status == finish.status.value or (
+                    state.status == "CANCELLED" and state.cancel_requested
+                ):
                     outcomes.append(WriteOutcome.OK)
                 else:
                     outcomes.append(WriteOutcome.LEASE_LOST)
-            command.result = outcomes
-        if ends:
-            await conn.executemany(
-                "UPDATE flows SET status = ?, result = ?, error = ?, completed_at = ?, "
-                "updated_at = ?, lease_owner = NULL, lease_expires_at = NULL "
-                "WHERE flow_id = ?",
-                ends,
-            )
-        if retries:
-            await conn.executemany(
-                "UPDATE flows SET status = 'PENDING', result = NULL, error = ?, "
-                "attempt = attempt + 1, ready_at = ?, updated_at = ?, lease_owner = NULL, "
-                "lease_expires_at = NULL WHERE flow_id = ?",
-                retries,
-            )
-            await conn.executemany(
-                "DELETE FROM journal WHERE flow_id = ? AND status = 'FAILED'",
-                [(row[-1],) for row in retries],
-            )
+            command.result = (outcomes, satisfied)
+        await sim.flush()
 
 
 class _ReleaseFlows(_Command[list[WriteOutcome]]):
@@ -840,11 +1360,15 @@ class _ReattachLeases(_Command[list[str]]):
             command.result = moved
 
 
-class _CancelFlow(_Command[CancelOutcome]):
+class _CancelFlow(_Command[tuple[CancelOutcome, list[Satisfied]]]):
     __slots__ = ("flow_id", "now_ms", "reason")
 
     def __init__(
-        self, future: asyncio.Future[CancelOutcome], flow_id: str, reason: str, now_ms: int
+        self,
+        future: asyncio.Future[tuple[CancelOutcome, list[Satisfied]]],
+        flow_id: str,
+        reason: str,
+        now_ms: int,
     ) -> None:
         super().__init__(future)
         self.flow_id = flow_id
@@ -854,29 +1378,51 @@ class _CancelFlow(_Command[CancelOutcome]):
     def resources(self) -> Iterable[str]:
         return _flow_resources([self.flow_id])
 
+    def ending_flows(self) -> Iterable[str]:
+        return [self.flow_id]
+
     @classmethod
     async def apply_all(cls, conn: aiosqlite.Connection, commands: Sequence[Self]) -> None:
-        """Cancel with one guarded UPDATE; only a miss needs a second look."""
+        """Cancel each flow, or ask it to stop if it runs."""
         for command in commands:
-            cancelled = await conn.execute_fetchall(
-                "UPDATE flows SET status = 'CANCELLED', error = ?, completed_at = ?, "
-                "updated_at = ?, lease_owner = NULL, lease_expires_at = NULL "
-                "WHERE flow_id = ? AND status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED') "
-                "RETURNING seq",
-                (
-                    _failure_to_json(cancellation_failure(command.reason)),
-                    command.now_ms,
-                    command.now_ms,
-                    command.flow_id,
-                ),
+            sim = _Sim(conn)
+            command.result = await command._apply(sim)
+            await sim.flush()
+
+    async def _apply(self, sim: _Sim) -> tuple[CancelOutcome, list[Satisfied]]:
+        await sim.load([self.flow_id])
+        state = sim.states.get(self.flow_id)
+        if state is None:
+            return CancelOutcome.NOT_FOUND, []
+        if state.status in _TERMINAL:
+            return CancelOutcome.CLOSED, []
+        rows = list(
+            await sim.conn.execute_fetchall(
+                "SELECT error FROM journal WHERE flow_id = ? AND key = ?",
+                (self.flow_id, CANCEL_KEY),
             )
-            if list(cancelled):
-                command.result = CancelOutcome.CANCELLED
-                continue
-            found = await conn.execute_fetchall(
-                "SELECT 1 FROM flows WHERE flow_id = ?", (command.flow_id,)
+        )
+        if rows:
+            error = _failure_from_json(rows[0][0]) or cancellation_failure(self.reason)
+        else:
+            error = cancellation_failure(self.reason)
+            sim.add_entry(
+                self.flow_id,
+                CANCEL_KEY,
+                EntryKind.CANCEL,
+                EntryStatus.COMPLETED,
+                None,
+                error,
+                self.now_ms,
             )
-            command.result = CancelOutcome.CLOSED if list(found) else CancelOutcome.NOT_FOUND
+        if state.status == "RUNNING":
+            if not state.cancel_requested:
+                state.cancel_requested = True
+                state.cancel_error = _failure_to_json(error)
+                sim.update(self.flow_id, cancel_requested=1, updated_at=self.now_ms)
+            return CancelOutcome.CANCEL_REQUESTED, []
+        satisfied = await sim.end(self.flow_id, FlowStatus.CANCELLED, None, error, self.now_ms)
+        return CancelOutcome.CANCELLED, satisfied
 
 
 class _SendSignal(_Command[SignalResult]):
@@ -903,16 +1449,19 @@ class _SendSignal(_Command[SignalResult]):
 
     @classmethod
     async def apply_all(cls, conn: aiosqlite.Connection, commands: Sequence[Self]) -> None:
-        """Append each signal to its mailbox."""
+        """Append each signal to its mailbox (an open wait consumes it)."""
         for command in commands:
+            sim = _Sim(conn)
             command.result = await _send_signal(
                 conn,
+                sim,
                 command.flow_id,
                 command.name,
                 command.payload,
                 command.request_id,
                 command.now_ms,
             )
+            await sim.flush()
 
 
 class _SignalWithSchedule(_Command[tuple[ScheduleResult, SignalResult]]):
@@ -942,14 +1491,17 @@ class _SignalWithSchedule(_Command[tuple[ScheduleResult, SignalResult]]):
             if scheduled.outcome is ScheduleOutcome.CONFLICT:
                 command.result = (scheduled, SignalResult(SignalOutcome.NOT_FOUND))
                 continue
+            sim = _Sim(conn)
             signal = await _send_signal(
                 conn,
+                sim,
                 scheduled.flow_id,
                 command.name,
                 command.payload,
                 command.flow.request_id,
                 command.now_ms,
             )
+            await sim.flush()
             command.result = (scheduled, signal)
 
 
@@ -976,19 +1528,356 @@ class _RegisterFlowTypes(_Command[None]):
             command.result = None
 
 
+class _RegisterWaits(_Command[list[WaitResult]]):
+    __slots__ = ("now_ms", "waits")
+
+    def __init__(
+        self,
+        future: asyncio.Future[list[WaitResult]],
+        waits: Sequence[WaitRequest],
+        now_ms: int,
+    ) -> None:
+        super().__init__(future)
+        self.waits = waits
+        self.now_ms = now_ms
+
+    def resources(self) -> Iterable[str]:
+        names = _flow_resources(wait.flow_id for wait in self.waits)
+        children = [wait.child.flow_id for wait in self.waits if wait.child is not None]
+        if children:
+            # Children are scheduled: keep scheduling order with the other schedules.
+            names += ["schedule-order", *_flow_resources(children)]
+        return names
+
+    def child_links(self) -> Iterable[tuple[str, str]]:
+        return [(wait.child.flow_id, wait.flow_id) for wait in self.waits if wait.child is not None]
+
+    @classmethod
+    async def apply_all(cls, conn: aiosqlite.Connection, commands: Sequence[Self]) -> None:
+        """Register each command's waits, reading their flows, entries and rows at once."""
+        for command in commands:
+            sim = _Sim(conn)
+            command.result = await command._apply(sim)
+            await sim.flush()
+
+    async def _apply(self, sim: _Sim) -> list[WaitResult]:
+        await sim.load(wait.flow_id for wait in self.waits)
+        pairs = [(wait.flow_id, wait.key) for wait in self.waits if sim.states.get(wait.flow_id)]
+        stored = await _journal_entries(sim.conn, pairs)
+        await sim.load_waits(pairs)
+        results: list[WaitResult] = []
+        for request in self.waits:
+            state = sim.states.get(request.flow_id)
+            if state is None:
+                results.append(WaitResult(WriteOutcome.NOT_FOUND))
+                continue
+            if not state.holds(request.lease_token):
+                results.append(WaitResult(WriteOutcome.LEASE_LOST))
+                continue
+            pair = (request.flow_id, request.key)
+            wait = sim.waits.get(pair)
+            entry = sim.entry(*pair) or stored.get(pair)
+            if entry is None:
+                if wait is None:
+                    wait = await self._new_wait(sim, request)
+                else:
+                    sim.set_wait(request.flow_id, request.key, wait, _OPEN)
+                await self._check_now(sim, request.flow_id, request.key, wait)
+                entry = sim.entry(*pair)
+            fire_at = wait.fire_at if wait is not None else None
+            results.append(WaitResult(WriteOutcome.OK, entry, fire_at))
+        return results
+
+    async def _new_wait(self, sim: _Sim, request: WaitRequest) -> _WaitRow:
+        child_flow_id: str | None = None
+        if request.kind is EntryKind.CHILD and request.child is not None:
+            child = dataclasses.replace(
+                request.child, parent_flow_id=request.flow_id, parent_key=request.key
+            )
+            (scheduled,) = await _schedule(sim.conn, [(child, self.now_ms)])
+            child_flow_id = scheduled.flow_id
+            sim.forget([child_flow_id])
+            links = sim.links.get(child_flow_id)
+            if links is not None:
+                links.append((request.flow_id, request.key))
+                links.sort()
+        wait = _WaitRow(
+            request.kind,
+            _OPEN,
+            request.fire_at if request.kind is EntryKind.TIMER else None,
+            request.signal_name if request.kind is EntryKind.SIGNAL else None,
+            child_flow_id,
+            self.now_ms,
+            False,
+        )
+        sim.put_wait(request.flow_id, request.key, wait)
+        return wait
+
+    async def _check_now(self, sim: _Sim, flow_id: str, key: str, wait: _WaitRow) -> None:
+        """Satisfy a just (re)opened wait if it can be satisfied now."""
+        now_ms = self.now_ms
+        if wait.kind is EntryKind.TIMER:
+            if wait.fire_at is not None and wait.fire_at <= now_ms:
+                sim.satisfy(flow_id, key, wait, EntryStatus.COMPLETED, None, None, now_ms)
+        elif wait.kind is EntryKind.SIGNAL:
+            payload = await _consume_signal(sim.conn, flow_id, wait.signal_name or "", key, now_ms)
+            if payload is not None:
+                sim.satisfy(flow_id, key, wait, EntryStatus.COMPLETED, payload, None, now_ms)
+        elif wait.child_flow_id is not None:
+            rows = list(
+                await sim.conn.execute_fetchall(
+                    "SELECT status, result, error FROM flows WHERE flow_id = ?",
+                    (wait.child_flow_id,),
+                )
+            )
+            if rows and rows[0][0] in _TERMINAL:
+                status, result, error = rows[0]
+                entry = child_entry(FlowStatus(status), result, _failure_from_json(error))
+                sim.satisfy(flow_id, key, wait, *entry, now_ms)
+
+
+class _RegisterWaitsBarrier(_RegisterWaits):
+    """Registers CHILD waits whose child has a request id, which may name any flow."""
+
+    __slots__ = ()
+    barrier = True
+
+
+class _SuspendFlows(_Command[tuple[list[SuspendResult], list[Satisfied]]]):
+    __slots__ = ("now_ms", "requests")
+
+    def __init__(
+        self,
+        future: asyncio.Future[tuple[list[SuspendResult], list[Satisfied]]],
+        requests: Sequence[SuspendRequest],
+        now_ms: int,
+    ) -> None:
+        super().__init__(future)
+        self.requests = requests
+        self.now_ms = now_ms
+
+    def resources(self) -> Iterable[str]:
+        return _flow_resources(request.flow_id for request in self.requests)
+
+    def ending_flows(self) -> Iterable[str]:
+        return [request.flow_id for request in self.requests]
+
+    @classmethod
+    async def apply_all(cls, conn: aiosqlite.Connection, commands: Sequence[Self]) -> None:
+        """Suspend each command's flows in order."""
+        for command in commands:
+            sim = _Sim(conn)
+            command.result = await command._apply(sim)
+            await sim.flush()
+
+    async def _apply(self, sim: _Sim) -> tuple[list[SuspendResult], list[Satisfied]]:
+        conn = sim.conn
+        now_ms = self.now_ms
+        await sim.load(request.flow_id for request in self.requests)
+        results: list[SuspendResult] = []
+        satisfied: list[Satisfied] = []
+        for request in self.requests:
+            flow_id = request.flow_id
+            state = sim.states.get(flow_id)
+            if state is None:
+                results.append(SuspendResult(SuspendOutcome.NOT_FOUND))
+                continue
+            if not state.holds(request.lease_token):
+                results.append(SuspendResult(SuspendOutcome.LEASE_LOST))
+                continue
+            keys = _unique(request.open_keys)
+            for row in await conn.execute_fetchall(
+                f"SELECT {_WAIT_COLUMNS} FROM waits AS w WHERE w.flow_id = ? AND w.status = 'OPEN'",
+                (flow_id,),
+            ):
+                sim.cache_wait(row)
+            wanted = set(keys)
+            for (owner, key), wait in list(sim.waits.items()):
+                if owner == flow_id and wait.status == _OPEN and key not in wanted:
+                    sim.set_wait(flow_id, key, wait, _CANCELLED)
+            found = await _journal_entries(conn, [(flow_id, key) for key in keys])
+            for key in keys:
+                mine = sim.entry(flow_id, key)
+                if mine is not None:
+                    found[(flow_id, key)] = mine
+            if found:
+                entries = tuple(sorted(found.values(), key=lambda entry: entry.sequence))
+                results.append(SuspendResult(SuspendOutcome.RESUME, entries))
+            elif state.cancel_requested:
+                satisfied += await sim.end(
+                    flow_id, FlowStatus.CANCELLED, None, state.cancellation(), now_ms
+                )
+                results.append(SuspendResult(SuspendOutcome.CANCELLED))
+            else:
+                state.status = "WAITING"
+                state.lease_owner = None
+                sim.update(
+                    flow_id,
+                    status="WAITING",
+                    updated_at=now_ms,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+                results.append(SuspendResult(SuspendOutcome.SUSPENDED))
+        return results, satisfied
+
+
+class _FireTimers(_Command[list[Satisfied]]):
+    __slots__ = ("limit", "now_ms")
+    # Which flows it touches is known only once the due timers are read.
+    barrier = True
+
+    def __init__(self, future: asyncio.Future[list[Satisfied]], now_ms: int, limit: int) -> None:
+        super().__init__(future)
+        self.now_ms = now_ms
+        self.limit = limit
+
+    @classmethod
+    async def apply_all(cls, conn: aiosqlite.Connection, commands: Sequence[Self]) -> None:
+        """Fire due timers through the partial index on open timers."""
+        for command in commands:
+            sim = _Sim(conn)
+            command.result = await command._apply(sim)
+            await sim.flush()
+
+    async def _apply(self, sim: _Sim) -> list[Satisfied]:
+        fired: list[Satisfied] = []
+        after: tuple[int, str, str] | None = None
+        while len(fired) < self.limit:
+            want = self.limit - len(fired)
+            where = "w.status = 'OPEN' AND w.kind = 'TIMER' AND w.fire_at <= ?"
+            params: list[object] = [self.now_ms]
+            if after is not None:
+                where += " AND (w.fire_at, w.flow_id, w.key) > (?, ?, ?)"
+                params += after
+            rows = list(
+                await sim.conn.execute_fetchall(
+                    f"SELECT {_WAIT_COLUMNS} FROM waits AS w INDEXED BY waits_timers "
+                    f"WHERE {where} ORDER BY w.fire_at, w.flow_id, w.key LIMIT ?",
+                    (*params, want),
+                )
+            )
+            if not rows:
+                break
+            await sim.load(row[0] for row in rows)
+            for row in rows:
+                if len(fired) == self.limit:
+                    break
+                flow_id, key = row[0], row[1]
+                wait = sim.cache_wait(row)
+                state = sim.states.get(flow_id)
+                if state is None or state.status in _TERMINAL:
+                    sim.set_wait(flow_id, key, wait, _CANCELLED)
+                    continue
+                done = sim.satisfy(
+                    flow_id, key, wait, EntryStatus.COMPLETED, None, None, self.now_ms
+                )
+                if done is not None:
+                    fired.append(done)
+            if len(rows) < want:
+                break
+            after = (rows[-1][4], rows[-1][0], rows[-1][1])
+        return fired
+
+
+class _ParkFlows(_Command[list[WriteOutcome]]):
+    __slots__ = ("initial_delay_ms", "max_delay_ms", "now_ms", "parks")
+
+    def __init__(
+        self,
+        future: asyncio.Future[list[WriteOutcome]],
+        parks: Sequence[Park],
+        now_ms: int,
+        initial_delay_ms: int,
+        max_delay_ms: int,
+    ) -> None:
+        super().__init__(future)
+        self.parks = parks
+        self.now_ms = now_ms
+        self.initial_delay_ms = initial_delay_ms
+        self.max_delay_ms = max_delay_ms
+
+    def resources(self) -> Iterable[str]:
+        return _flow_resources(park.flow_id for park in self.parks)
+
+    @classmethod
+    async def apply_all(cls, conn: aiosqlite.Connection, commands: Sequence[Self]) -> None:
+        """Fence with one read, then park every accepted flow at once."""
+        for command in commands:
+            sim = _Sim(conn)
+            await sim.load(park.flow_id for park in command.parks)
+            outcomes: list[WriteOutcome] = []
+            for park in command.parks:
+                state = sim.states.get(park.flow_id)
+                if state is None:
+                    outcomes.append(WriteOutcome.NOT_FOUND)
+                    continue
+                if not state.holds(park.lease_token):
+                    outcomes.append(WriteOutcome.LEASE_LOST)
+                    continue
+                outcomes.append(WriteOutcome.OK)
+                delay = park_delay_ms(command.initial_delay_ms, command.max_delay_ms, state.parks)
+                state.status = "PENDING"
+                state.lease_owner = None
+                state.parks += 1
+                sim.update(
+                    park.flow_id,
+                    status="PENDING",
+                    error=_failure_to_json(park.error),
+                    ready_at=command.now_ms + delay,
+                    updated_at=command.now_ms,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    parks=state.parks,
+                )
+            command.result = outcomes
+            await sim.flush()
+
+
 _AnyCommand = _Command[Any]
 
 
-def _plan_stages(batch: Sequence[_AnyCommand]) -> list[list[_AnyCommand]]:
+async def _child_links(
+    conn: aiosqlite.Connection, batch: Sequence[_AnyCommand]
+) -> dict[str, set[str]]:
+    """For each flow a batch may end, the flows whose CHILD waits name it.
+
+    Ending a child writes its waiting flows (their entries, their status), so the planner
+    must order it against the batch's other commands on those flows. The waits in the
+    database, plus those the batch itself may create, cover every such flow: a wait's child
+    never changes and wait rows are never deleted.
+    """
+    ending = _unique(flow_id for command in batch for flow_id in command.ending_flows())
+    if not ending:
+        return {}
+    links: dict[str, set[str]] = {}
+    for command in batch:
+        for child, waiting in command.child_links():
+            links.setdefault(child, set()).add(waiting)
+    for child, waiting in await _fetch_in(
+        conn,
+        "SELECT child_flow_id, flow_id FROM waits INDEXED BY waits_children "
+        "WHERE kind = 'CHILD' AND child_flow_id IN ({marks})",
+        ending,
+    ):
+        links.setdefault(child, set()).add(waiting)
+    return links
+
+
+def _plan_stages(
+    batch: Sequence[_AnyCommand], links: dict[str, set[str]] | None = None
+) -> list[list[_AnyCommand]]:
     """Group a batch into stages whose in-order application equals applying it in queue order.
 
     A mergeable command joins the earliest stage of its class that comes after every stage
     holding an earlier command with a resource in common (and after the last barrier);
     otherwise it opens a new stage at the end. Barriers and non-mergeable commands always open
-    a new stage at the end.
+    a new stage at the end. A command that may end a flow also touches the flows waiting for
+    it as a child (`links`).
 
     Args:
         batch: Commands in queue order.
+        links: For each flow the batch may end, the flows waiting for it (`_child_links`).
 
     Returns:
         Stages in application order; each is a non-empty list of commands of one class, in
@@ -1005,6 +1894,12 @@ def _plan_stages(batch: Sequence[_AnyCommand]) -> list[list[_AnyCommand]]:
             stages.append([command])
             continue
         resources = list(command.resources())
+        if links:
+            resources += [
+                "flow:" + waiting
+                for flow_id in command.ending_flows()
+                for waiting in sorted(links.get(flow_id, ()))
+            ]
         after = max([floor, *(last_stage.get(name, -1) for name in resources)])
         index = -1
         if kind.mergeable:
@@ -1279,7 +2174,8 @@ class SqliteStore:
         async with lock:
             try:
                 await conn.execute("BEGIN IMMEDIATE")
-                for stage in _plan_stages(batch):
+                links = await _child_links(conn, batch) if len(batch) > 1 else {}
+                for stage in _plan_stages(batch, links):
                     await type(stage[0]).apply_all(conn, stage)
                 await conn.execute("COMMIT")
             except BaseException as exc:
@@ -1415,8 +2311,14 @@ class SqliteStore:
         """Apply step outcomes, fenced, one outcome per record in order."""
         return await self._submit(_RecordSteps(self._future(), list(records), now_ms))
 
-    async def finish_flows(self, finishes: Sequence[FlowFinish], now_ms: int) -> list[WriteOutcome]:
-        """End flows (or re-queue them for a retry), fenced; see `FlowFinish`."""
+    async def finish_flows(
+        self, finishes: Sequence[FlowFinish], now_ms: int
+    ) -> tuple[list[WriteOutcome], list[Satisfied]]:
+        """End flows (or re-queue them for a retry), fenced; see `FlowFinish`.
+
+        A retried finish of a flow that a cancel request ended (CANCELLED, same token)
+        answers OK, whatever it asks.
+        """
         for finish in finishes:
             check_finish(finish)
         return await self._submit(_FinishFlows(self._future(), list(finishes), now_ms))
@@ -1446,17 +2348,20 @@ class SqliteStore:
         """Re-queue RUNNING flows whose lease expired before now_ms, in scheduling order."""
         return await self._submit(_ExpireLeases(self._future(), now_ms))
 
-    async def cancel_flow(self, flow_id: str, reason: str, now_ms: int) -> CancelOutcome:
-        """Cancel a flow that is not terminal: CANCELLED, its lease cleared, reason recorded.
+    async def cancel_flow(
+        self, flow_id: str, reason: str, now_ms: int
+    ) -> tuple[CancelOutcome, list[Satisfied]]:
+        """Cancel a flow that has not ended, recording a CANCEL entry under `CANCEL_KEY`.
 
-        The reason is kept as the flow's `error` (see `memory.cancellation_failure`).
+        The cancellation (`cancellation_failure(reason)`) is the entry's error and, once the
+        flow is CANCELLED, the flow's error; a flow cancelled twice keeps the first.
         """
         return await self._submit(_CancelFlow(self._future(), flow_id, reason, now_ms))
 
     async def send_signal(
         self, flow_id: str, name: str, payload: bytes, request_id: str, now_ms: int
     ) -> SignalResult:
-        """Append a signal to the flow's (flow, name) mailbox."""
+        """Append a signal to the flow's (flow, name) mailbox; an open wait consumes it."""
         command = _SendSignal(self._future(), flow_id, name, payload, request_id, now_ms)
         return await self._submit(command)
 
@@ -1470,4 +2375,56 @@ class SqliteStore:
         """
         check_new_flow(flow)
         command = _SignalWithSchedule(self._future(), flow, name, payload, now_ms)
+        return await self._submit(command)
+
+    async def register_waits(self, waits: Sequence[WaitRequest], now_ms: int) -> list[WaitResult]:
+        """Register waits, fenced, idempotent by (flow_id, key); one result per wait in order.
+
+        A key registered before keeps its first registration (kind, fire_at, signal name,
+        child); registering it again only reopens it. A CHILD whose flow_id exists (with any
+        type or input) is that flow; with a known request_id, the flow the request created.
+        """
+        for wait in waits:
+            check_wait(wait)
+        unknown = any(wait.child is not None and wait.child.request_id for wait in waits)
+        kind = _RegisterWaitsBarrier if unknown else _RegisterWaits
+        return await self._submit(kind(self._future(), list(waits), now_ms))
+
+    async def suspend_flows(
+        self, requests: Sequence[SuspendRequest], now_ms: int
+    ) -> tuple[list[SuspendResult], list[Satisfied]]:
+        """Let flows whose every branch waits give their slot back, fenced.
+
+        The open waits not in `open_keys` are cancelled whatever the answer. RESUME carries
+        the entries of `open_keys` in journal order.
+        """
+        return await self._submit(_SuspendFlows(self._future(), list(requests), now_ms))
+
+    async def fire_timers(self, now_ms: int, limit: int) -> list[Satisfied]:
+        """Fire up to `limit` open TIMER waits with fire_at <= now_ms, oldest first.
+
+        Ties are broken by (flow_id, key). Timers of ended flows are cancelled on the way and
+        do not count toward `limit`; a limit below 1 fires nothing.
+        """
+        if limit <= 0:
+            if not self._accepting:
+                raise StoreUnavailableError("the sqlite store is not open")
+            return []
+        return await self._submit(_FireTimers(self._future(), now_ms, limit))
+
+    async def next_timer_at(self) -> int | None:
+        """The earliest fire_at among open TIMER waits, or None."""
+        rows = await self._read(
+            "SELECT MIN(fire_at) FROM waits INDEXED BY waits_timers "
+            "WHERE status = 'OPEN' AND kind = 'TIMER'"
+        )
+        value = rows[0][0]
+        return int(value) if value is not None else None
+
+    async def park_flows(
+        self, parks: Sequence[Park], now_ms: int, initial_delay_ms: int, max_delay_ms: int
+    ) -> list[WriteOutcome]:
+        """Park flows whose code no longer matches their journal, fenced."""
+        check_park_delays(initial_delay_ms, max_delay_ms)
+        command = _ParkFlows(self._future(), list(parks), now_ms, initial_delay_ms, max_delay_ms)
         return await self._submit(command)

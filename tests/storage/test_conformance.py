@@ -27,97 +27,40 @@ from ergon_server.model import (
     FlowFinish,
     FlowStatus,
     Lease,
-    NewFlow,
+    Park,
     RetryPolicy,
-    ScheduleOutcome,
     ScheduleResult,
     SignalOutcome,
     SignalResult,
     StepRecord,
+    SuspendRequest,
+    WaitRequest,
     WriteOutcome,
 )
 from ergon_server.storage import create_store
 from ergon_server.storage.base import Store
 from ergon_server.storage.memory import MemoryStore
 from ergon_server.storage.sqlite import SqliteStore
+from tests.storage.support import (
+    BOOM,
+    CONFLICT,
+    CREATED,
+    EXISTING,
+    LEASE_LOST,
+    NOT_FOUND,
+    OK,
+    T0,
+    TTL,
+    cancelled,
+    claim_one,
+    finished,
+    flow,
+    lease,
+    step,
+)
 
 if TYPE_CHECKING:
     from tests.storage.conftest import Backend
-
-T0 = 1_700_000_000_000
-TTL = 15_000
-
-CREATED = ScheduleOutcome.CREATED
-EXISTING = ScheduleOutcome.EXISTING
-CONFLICT = ScheduleOutcome.CONFLICT
-OK = WriteOutcome.OK
-LEASE_LOST = WriteOutcome.LEASE_LOST
-NOT_FOUND = WriteOutcome.NOT_FOUND
-
-
-def flow(
-    flow_id: str,
-    flow_type: str = "orders",
-    data: bytes = b"input",
-    *,
-    request_id: str = "",
-    start_at: int | None = None,
-    retry_policy: RetryPolicy | None = None,
-    labels: dict[str, str] | None = None,
-) -> NewFlow:
-    return NewFlow(
-        flow_id=flow_id,
-        flow_type=flow_type,
-        input=data,
-        request_id=request_id,
-        start_at=start_at,
-        retry_policy=retry_policy,
-        labels=labels or {},
-    )
-
-
-def step(
-    claimed: ClaimedFlow | tuple[str, int],
-    key: str,
-    status: EntryStatus = EntryStatus.COMPLETED,
-    *,
-    result: bytes | None = b"result",
-    error: Failure | None = None,
-    attempts: int = 1,
-    kind: EntryKind = EntryKind.STEP,
-) -> StepRecord:
-    flow_id, token = (
-        (claimed.flow_id, claimed.lease_token) if isinstance(claimed, ClaimedFlow) else claimed
-    )
-    return StepRecord(
-        flow_id=flow_id,
-        lease_token=token,
-        key=key,
-        kind=kind,
-        args_hash="hash-" + key,
-        attempts=attempts,
-        status=status,
-        result=result,
-        error=error,
-    )
-
-
-def lease(claimed: ClaimedFlow) -> Lease:
-    return Lease(claimed.flow_id, claimed.lease_token)
-
-
-async def claim_one(
-    store: Store, flow_id: str, *, flow_type: str = "orders", now: int = T0, session: str = "s1"
-) -> ClaimedFlow:
-    """Schedule `flow_id` and claim it (it must be the only ready flow of its type)."""
-    await store.schedule_flows([flow(flow_id, flow_type)], now)
-    (claimed,) = await store.claim_flows(session, [flow_type], 10, now + TTL, now)
-    assert claimed.flow_id == flow_id
-    return claimed
-
-
-BOOM = Failure(type="ValueError", message="boom", stack_trace="trace", reason="R")
-
 
 # --- life cycle ----------------------------------------------------------------------------
 
@@ -188,7 +131,7 @@ async def test_newer_schema_is_refused(backend: Backend) -> None:
     with pytest.raises(SchemaVersionError) as raised:
         await newer.open()
     assert str(raised.value) == (
-        "database schema version 7 is newer than this ergon-server supports (1); "
+        "database schema version 7 is newer than this ergon-server supports (2); "
         "upgrade ergon-server"
     )
     await newer.close()
@@ -547,7 +490,7 @@ async def test_journal_sequence_and_history_paging(store: Store) -> None:
 async def test_finish_completed(store: Store) -> None:
     claimed = await claim_one(store, "f1")
     done = FlowFinish("f1", claimed.lease_token, FlowStatus.COMPLETED, result=b"out")
-    assert await store.finish_flows([done], T0 + 10) == [OK]
+    assert await finished(store, [done], T0 + 10) == [OK]
     record = await store.get_flow("f1")
     assert record is not None
     assert (record.status, record.result, record.error) == (FlowStatus.COMPLETED, b"out", None)
@@ -559,7 +502,7 @@ async def test_finish_completed(store: Store) -> None:
     failed = FlowFinish("f1", claimed.lease_token, FlowStatus.FAILED, error=BOOM)
     stale = FlowFinish("f1", claimed.lease_token - 1, FlowStatus.COMPLETED, result=b"x")
     missing = FlowFinish("nope", 1, FlowStatus.COMPLETED, result=b"x")
-    assert await store.finish_flows([again, failed, stale, missing], T0 + 20) == [
+    assert await finished(store, [again, failed, stale, missing], T0 + 20) == [
         OK,
         LEASE_LOST,
         LEASE_LOST,
@@ -573,13 +516,13 @@ async def test_finish_completed(store: Store) -> None:
         T0 + 10,
     )
     assert await store.record_steps([step(claimed, "late")], T0 + 30) == [LEASE_LOST]
-    assert await store.finish_flows([], T0) == []
+    assert await finished(store, [], T0) == []
 
 
 async def test_finish_failed(store: Store) -> None:
     claimed = await claim_one(store, "f1")
     failed = FlowFinish("f1", claimed.lease_token, FlowStatus.FAILED, error=BOOM)
-    assert await store.finish_flows([failed, failed], T0 + 10) == [OK, OK]
+    assert await finished(store, [failed, failed], T0 + 10) == [OK, OK]
     record = await store.get_flow("f1")
     assert record is not None
     assert (record.status, record.error, record.result) == (FlowStatus.FAILED, BOOM, None)
@@ -600,7 +543,7 @@ async def test_finish_with_retry_requeues(store: Store) -> None:
     retry = FlowFinish(
         "f1", claimed.lease_token, FlowStatus.FAILED, error=BOOM, retry_delay_ms=5_000
     )
-    assert await store.finish_flows([retry], T0 + 100) == [OK]
+    assert await finished(store, [retry], T0 + 100) == [OK]
     record = await store.get_flow("f1")
     assert record is not None
     assert record.status is FlowStatus.PENDING
@@ -609,7 +552,7 @@ async def test_finish_with_retry_requeues(store: Store) -> None:
     history = await store.get_history("f1", 0, 10)
     assert [(e.sequence, e.key) for e in history] == [(1, "done"), (3, "flaky")]
     # The same finish again: the lease is gone with the retry.
-    assert await store.finish_flows([retry], T0 + 101) == [LEASE_LOST]
+    assert await finished(store, [retry], T0 + 101) == [LEASE_LOST]
     assert await store.next_ready_at(["orders"]) == T0 + 5_100
     assert await store.claim_flows("s", ["orders"], 1, T0 + TTL, T0 + 5_099) == []
     (again,) = await store.claim_flows("s", ["orders"], 1, T0 + 20_000, T0 + 5_100)
@@ -620,7 +563,7 @@ async def test_finish_with_retry_requeues(store: Store) -> None:
     history = await store.get_history("f1", 0, 10)
     assert [(e.sequence, e.key) for e in history] == [(1, "done"), (3, "flaky"), (4, "broken")]
     done = FlowFinish("f1", again.lease_token, FlowStatus.COMPLETED, result=b"ok")
-    assert await store.finish_flows([done], T0 + 5_300) == [OK]
+    assert await finished(store, [done], T0 + 5_300) == [OK]
     record = await store.get_flow("f1")
     assert record is not None
     assert (record.status, record.attempt, record.result, record.error) == (
@@ -634,10 +577,10 @@ async def test_finish_with_retry_requeues(store: Store) -> None:
 async def test_finish_refuses_bad_requests(store: Store) -> None:
     claimed = await claim_one(store, "f1")
     with pytest.raises(InvalidArgumentError):
-        await store.finish_flows([FlowFinish("f1", claimed.lease_token, FlowStatus.RUNNING)], T0)
+        await finished(store, [FlowFinish("f1", claimed.lease_token, FlowStatus.RUNNING)], T0)
     with pytest.raises(InvalidArgumentError):
-        await store.finish_flows(
-            [FlowFinish("f1", claimed.lease_token, FlowStatus.FAILED, retry_delay_ms=-1)], T0
+        await finished(
+            store, [FlowFinish("f1", claimed.lease_token, FlowStatus.FAILED, retry_delay_ms=-1)], T0
         )
     record = await store.get_flow("f1")
     assert record is not None
@@ -678,7 +621,7 @@ async def test_renew_leases(store: Store) -> None:
         assert record is not None
         assert record.lease_expires_at == expires
     done = FlowFinish("a", mine[0].lease_token, FlowStatus.COMPLETED, result=b"")
-    assert await store.finish_flows([done], clock.now_ms()) == [OK]
+    assert await finished(store, [done], clock.now_ms()) == [OK]
     assert await store.renew_leases("s1", clock.now_ms() + TTL) == 1
     assert await store.renew_leases("nobody", clock.now_ms() + TTL) == 0
 
@@ -746,7 +689,7 @@ async def test_reattach_leases(store: Store) -> None:
 
 async def test_cancel(store: Store) -> None:
     await store.schedule_flows([flow("pending")], T0)
-    assert await store.cancel_flow("pending", "not needed", T0 + 1) is CancelOutcome.CANCELLED
+    assert await cancelled(store, "pending", "not needed", T0 + 1) is CancelOutcome.CANCELLED
     record = await store.get_flow("pending")
     assert record is not None
     assert record.status is FlowStatus.CANCELLED
@@ -755,30 +698,41 @@ async def test_cancel(store: Store) -> None:
     assert (record.completed_at, record.updated_at) == (T0 + 1, T0 + 1)
     assert await store.claim_flows("s", ["orders"], 10, T0 + TTL, T0 + 2) == []
 
+    # A running flow is asked to stop; it ends CANCELLED when it finishes, whatever it asks.
     claimed = await claim_one(store, "running", now=T0 + 2)
-    assert await store.cancel_flow("running", "stop", T0 + 3) is CancelOutcome.CANCELLED
+    assert await cancelled(store, "running", "stop", T0 + 3) is CancelOutcome.CANCEL_REQUESTED
     record = await store.get_flow("running")
     assert record is not None
-    assert (record.status, record.lease_owner, record.lease_expires_at) == (
+    assert (record.status, record.lease_owner, record.cancel_requested) == (
+        FlowStatus.RUNNING,
+        "s1",
+        True,
+    )
+    assert await store.record_steps([step(claimed, "a")], T0 + 4) == [OK]
+    done = FlowFinish("running", claimed.lease_token, FlowStatus.COMPLETED, result=b"")
+    assert await finished(store, [done], T0 + 4) == [OK]
+    record = await store.get_flow("running")
+    assert record is not None
+    assert (record.status, record.result, record.lease_owner, record.lease_expires_at) == (
         FlowStatus.CANCELLED,
         None,
         None,
+        None,
     )
-    assert await store.record_steps([step(claimed, "a")], T0 + 4) == [LEASE_LOST]
-    done = FlowFinish("running", claimed.lease_token, FlowStatus.COMPLETED, result=b"")
-    assert await store.finish_flows([done], T0 + 4) == [LEASE_LOST]
+    assert record.error is not None
+    assert record.error.message == "stop"
     assert await store.release_flows([lease(claimed)], T0 + 4) == [LEASE_LOST]
 
-    assert await store.cancel_flow("running", "again", T0 + 5) is CancelOutcome.CLOSED
+    assert await cancelled(store, "running", "again", T0 + 5) is CancelOutcome.CLOSED
     record = await store.get_flow("running")
     assert record is not None
     assert record.error is not None
     assert record.error.message == "stop"
-    finished = await claim_one(store, "finished", now=T0 + 5)
-    complete = FlowFinish("finished", finished.lease_token, FlowStatus.COMPLETED, result=b"")
-    assert await store.finish_flows([complete], T0 + 6) == [OK]
-    assert await store.cancel_flow("finished", "late", T0 + 7) is CancelOutcome.CLOSED
-    assert await store.cancel_flow("missing", "?", T0 + 7) is CancelOutcome.NOT_FOUND
+    complete_flow = await claim_one(store, "finished", now=T0 + 5)
+    complete = FlowFinish("finished", complete_flow.lease_token, FlowStatus.COMPLETED, result=b"")
+    assert await finished(store, [complete], T0 + 6) == [OK]
+    assert await cancelled(store, "finished", "late", T0 + 7) is CancelOutcome.CLOSED
+    assert await cancelled(store, "missing", "?", T0 + 7) is CancelOutcome.NOT_FOUND
 
 
 # --- listing -------------------------------------------------------------------------------
@@ -843,7 +797,7 @@ async def test_signals(store: Store) -> None:
     )
     await store.schedule_flows([flow("f2")], T0)
     assert await store.send_signal("f2", "approve", b"", "r1", T0) == SignalResult(delivered, 1)
-    assert await store.cancel_flow("f1", "done", T0) is CancelOutcome.CANCELLED
+    assert await cancelled(store, "f1", "done", T0) is CancelOutcome.CANCELLED
     assert await store.send_signal("f1", "approve", b"", "", T0) == SignalResult(
         SignalOutcome.CLOSED
     )
@@ -875,7 +829,7 @@ async def test_signal_with_schedule(store: Store) -> None:
         SignalResult(SignalOutcome.NOT_FOUND),
     )
     assert await store.send_signal("f1", "go", b"4", "", T0) == SignalResult(delivered, 3)
-    await store.cancel_flow("f1", "stop", T0)
+    await cancelled(store, "f1", "stop", T0)
     assert await store.signal_with_schedule(flow("f1"), "go", b"5", T0) == (
         ScheduleResult("f1", EXISTING),
         SignalResult(SignalOutcome.CLOSED),
@@ -938,22 +892,22 @@ async def test_concurrent_writes_apply_in_call_order(store: Store) -> None:
     assert results == [
         [OK],
         [OK],
-        [OK],
+        ([OK], []),
         [LEASE_LOST],
         [OK],
-        CancelOutcome.CANCELLED,
-        [LEASE_LOST],
-        SignalResult(SignalOutcome.CLOSED),
+        (CancelOutcome.CANCEL_REQUESTED, []),
+        [OK],
+        SignalResult(SignalOutcome.DELIVERED, 1),
         [ScheduleResult("d", CREATED)],
         claimed,
         [LEASE_LOST],
         [ScheduleResult("e", CREATED)],
         SignalResult(SignalOutcome.DELIVERED, 1),
-        [OK],
+        ([OK], []),
     ]
     assert [c.flow_id for c in claimed] == ["c", "d"]
     assert [e.key for e in await store.get_history("a", 0, 10)] == ["1"]
-    assert [e.key for e in await store.get_history("b", 0, 10)] == ["1", "2"]
+    assert [e.key for e in await store.get_history("b", 0, 10)] == ["1", "2", "$cancel", "3"]
     page = await store.list_flows([], None, 10, None)
     assert [r.flow_id for r in page.flows] == ["a", "b", "c", "d", "e"]
 
@@ -1043,6 +997,168 @@ async def test_concurrent_calls_equal_sequential_calls(store: Store) -> None:
         sequential = [await op(reference) for op in ops]
         assert concurrent == sequential, f"round {round_number}"
         assert await _snapshot(store) == await _snapshot(reference), f"round {round_number}"
+    await reference.close()
+
+
+class _WaitOps:
+    """Random calls of every verb, aimed at live leases so that most of them apply.
+
+    Each round draws its calls from the reference store's state at the start of the round:
+    a fenced call uses the flow's current lease token four times out of five. The flow ids
+    slide forward with the rounds, so new flows keep arriving as old ones end.
+    """
+
+    KEYS = ("w0", "w1", "w2", "w3", "k0")
+
+    def __init__(self, rng: random.Random, round_number: int, tokens: dict[str, int]) -> None:
+        self.rng = rng
+        self.now = T0 + round_number * 10
+        self.flows = [f"f{index}" for index in range(round_number, round_number + 8)]
+        self.children = [f"c{index}" for index in range(round_number // 2, round_number // 2 + 4)]
+        self.tokens = tokens
+
+    def flow_id(self) -> str:
+        if self.tokens and self.rng.random() < 0.75:
+            return self.rng.choice(sorted(self.tokens))
+        return self.rng.choice(self.flows)
+
+    def token(self, flow_id: str) -> int:
+        if flow_id in self.tokens and self.rng.random() < 0.8:
+            return self.tokens[flow_id]
+        return self.rng.randrange(4)
+
+    def wait(self) -> WaitRequest:
+        rng = self.rng
+        flow_id = self.flow_id()
+        token = self.token(flow_id)
+        # Mostly wait keys; sometimes a step key, whose entry may exist already.
+        key = rng.choice(self.KEYS)
+        kind = rng.choice([EntryKind.TIMER, EntryKind.SIGNAL, EntryKind.CHILD])
+        if kind is EntryKind.TIMER:
+            fire_at = self.now + rng.choice([-5, 0, 4, 15, 30])
+            return WaitRequest(flow_id, token, key, kind, fire_at=fire_at)
+        if kind is EntryKind.SIGNAL:
+            return WaitRequest(flow_id, token, key, kind, signal_name=rng.choice(["a", "b"]))
+        child_id = rng.choice([*self.children, *self.children, *self.flows])
+        if child_id == flow_id:
+            child_id = self.children[0]
+        child = flow(
+            child_id,
+            rng.choice(["x", "y"]),
+            rng.choice([b"a", b"b"]),
+            request_id=rng.choice(["", "", "", "r1", "r4"]),
+        )
+        return WaitRequest(flow_id, token, key, kind, child=child)
+
+    def op(self) -> Op:
+        rng = self.rng
+        now = self.now
+        choice = rng.randrange(16)
+        if choice == 0:
+            new = [
+                flow(flow_id, rng.choice(["x", "y"]), b"a", request_id=rng.choice(["", "r2"]))
+                for flow_id in rng.sample(self.flows, 2)
+            ]
+            return lambda store: store.schedule_flows(new, now)
+        if choice in (1, 2):
+            types = rng.choice([["x"], ["y"], ["x", "y"]])
+            limit = rng.randrange(1, 4)
+            return lambda store: store.claim_flows("s1", types, limit, now + 50, now)
+        if choice in (3, 4):
+            flow_id = self.flow_id()
+            records = [
+                StepRecord(
+                    flow_id,
+                    self.token(flow_id),
+                    f"k{rng.randrange(2)}",
+                    EntryKind.STEP,
+                    "h",
+                    1,
+                    rng.choice([EntryStatus.COMPLETED, EntryStatus.FAILED]),
+                    b"r",
+                    BOOM,
+                )
+            ]
+            return lambda store: store.record_steps(records, now)
+        if choice == 5:
+            finishes = []
+            for flow_id in (self.flow_id(), rng.choice(self.children)):
+                finishes.append(
+                    FlowFinish(
+                        flow_id,
+                        self.token(flow_id),
+                        rng.choice([FlowStatus.COMPLETED, FlowStatus.FAILED]),
+                        result=flow_id.encode(),
+                        error=BOOM,
+                        retry_delay_ms=rng.choice([0, 0, 0, 3]),
+                    )
+                )
+            return lambda store: store.finish_flows(finishes, now)
+        if choice == 6:
+            flow_id = self.flow_id()
+            leases = [Lease(flow_id, self.token(flow_id))]
+            return lambda store: store.release_flows(leases, now)
+        if choice == 7 and rng.random() < 0.25:
+            flow_id = rng.choice([*self.flows, *self.children])
+            return lambda store: store.cancel_flow(flow_id, "stop", now)
+        if choice in (7, 8, 9):
+            waits = [self.wait() for _ in range(rng.randrange(1, 4))]
+            return lambda store: store.register_waits(waits, now)
+        if choice in (10, 11):
+            requests = []
+            for _ in range(rng.randrange(1, 3)):
+                flow_id = self.flow_id()
+                keys = tuple(rng.sample(self.KEYS, rng.randrange(0, 3)))
+                requests.append(SuspendRequest(flow_id, self.token(flow_id), keys))
+            return lambda store: store.suspend_flows(requests, now)
+        if choice == 12:
+            limit = rng.randrange(1, 4)
+            return lambda store: store.fire_timers(now, limit)
+        if choice == 13:
+            flow_id = self.flow_id()
+            parks = [Park(flow_id, self.token(flow_id), BOOM)]
+            return lambda store: store.park_flows(parks, now, 2, 8)
+        if choice == 14:
+            return lambda store: store.expire_leases(now)
+        flow_id = self.flow_id()
+        name = rng.choice(["a", "b"])
+        request_id = rng.choice(["", "", "q1", "q3"])
+        return lambda store: store.send_signal(
+            flow_id, name, b"s" + flow_id.encode(), request_id, now
+        )
+
+
+async def _wait_snapshot(store: Store) -> list[Any]:
+    return [await store.next_timer_at(), *await _snapshot(store)]
+
+
+@pytest.mark.parametrize("seed", [7, 20_250_101])
+async def test_concurrent_wait_calls_equal_sequential_calls(store: Store, seed: int) -> None:
+    """The same with every verb: waits, suspends, timers, parks, cancels and child flows."""
+    reference = MemoryStore()
+    await reference.open()
+    rng = random.Random(seed)
+    for round_number in range(80):
+        now = T0 + round_number * 10
+        # Keep flows coming and running: the same calls, one by one, on both stores.
+        new = [
+            flow(f"f{index}", "xy"[index % 2], b"a")
+            for index in range(round_number, round_number + 8)
+        ]
+        for store_ in (store, reference):
+            await store_.schedule_flows(new, now)
+            await store_.claim_flows("s0", ["x", "y"], 6, now + 50, now)
+        page = await reference.list_flows([FlowStatus.RUNNING], None, 1_000, None)
+        tokens = {record.flow_id: record.lease_token for record in page.flows}
+        maker = _WaitOps(rng, round_number, tokens)
+        ops = [maker.op() for _ in range(rng.randrange(1, 40))]
+        concurrent = await asyncio.gather(*(op(store) for op in ops))
+        sequential = [await op(reference) for op in ops]
+        assert concurrent == sequential, f"round {round_number}"
+        if round_number % 5 == 4:
+            assert await _wait_snapshot(store) == await _wait_snapshot(reference), (
+                f"round {round_number}"
+            )
     await reference.close()
 
 
@@ -1247,5 +1363,5 @@ def test_sqlite_migrations_are_shipped() -> None:
     from ergon_server.storage.migrate import load_migrations
 
     migrations = load_migrations("sqlite")
-    assert [m.version for m in migrations] == [1]
-    assert migrations[0].name == "0001_initial.sql"
+    assert [m.version for m in migrations] == [1, 2]
+    assert [m.name for m in migrations] == ["0001_initial.sql", "0002_waits.sql"]
