@@ -24,6 +24,8 @@ class ErgonError(Exception):
     """
 
     default_reason = "INTERNAL"
+    # The gRPC status code (its number, so the engine needs no grpc import).
+    grpc_code = 13
 
     def __init__(self, message: str, reason: str | None = None) -> None:
         super().__init__(message)
@@ -35,36 +37,42 @@ class InvalidArgumentError(ErgonError):
     """The request is malformed."""
 
     default_reason = "INVALID_ARGUMENT"
+    grpc_code = 3
 
 
 class NotFoundError(ErgonError):
     """The thing named does not exist."""
 
     default_reason = "FLOW_NOT_FOUND"
+    grpc_code = 5
 
 
 class AlreadyExistsError(ErgonError):
     """The flow id is taken by a different flow."""
 
     default_reason = "FLOW_ALREADY_SCHEDULED"
+    grpc_code = 6
 
 
 class FailedPreconditionError(ErgonError):
     """The request cannot apply in the flow's current state."""
 
     default_reason = "FLOW_CLOSED"
+    grpc_code = 9
 
 
 class ResourceExhaustedError(ErgonError):
     """A size or count limit was exceeded; retrying the same request cannot help."""
 
     default_reason = "PAYLOAD_TOO_LARGE"
+    grpc_code = 8
 
 
 class UnavailableError(ErgonError):
     """The server cannot serve right now; the caller may retry."""
 
     default_reason = "UNAVAILABLE"
+    grpc_code = 14
 
 
 class StoreUnavailableError(UnavailableError):
@@ -77,6 +85,7 @@ class StoreError(ErgonError):
     """The store failed in a way retrying will not fix."""
 
     default_reason = "STORE_ERROR"
+    grpc_code = 13
 
 
 class SchemaVersionError(StoreError):

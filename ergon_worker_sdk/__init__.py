@@ -13,11 +13,22 @@ from ergon_worker_sdk._client import (
 )
 from ergon_worker_sdk._context import FlowContext, current_context
 from ergon_worker_sdk._definitions import RetryPolicy, flow, flow_type, step
+from ergon_worker_sdk._waits import (
+    PendingChild,
+    await_external_signal,
+    dag,
+    invoke,
+    schedule_timer,
+    schedule_timer_named,
+)
 from ergon_worker_sdk._worker import Worker, WorkerHandle
 from ergon_worker_sdk.converter import JsonConverter, PayloadConverter, PickleConverter
 from ergon_worker_sdk.errors import (
+    ChildFlowError,
+    DagExecutionError,
     ErgonError,
     FlowAlreadyScheduledError,
+    FlowCancelledError,
     FlowClosedError,
     FlowNotFoundError,
     HistoryMismatchError,
@@ -31,9 +42,12 @@ from ergon_worker_sdk.errors import (
 )
 
 __all__ = [
+    "ChildFlowError",
     "Client",
+    "DagExecutionError",
     "ErgonError",
     "FlowAlreadyScheduledError",
+    "FlowCancelledError",
     "FlowClosedError",
     "FlowContext",
     "FlowError",
@@ -47,6 +61,7 @@ __all__ = [
     "NonRetryableError",
     "PayloadConverter",
     "PayloadTooLargeError",
+    "PendingChild",
     "PickleConverter",
     "RetryPolicy",
     "RpcError",
@@ -56,8 +71,13 @@ __all__ = [
     "UnknownFlowTypeError",
     "Worker",
     "WorkerHandle",
+    "await_external_signal",
     "current_context",
+    "dag",
     "flow",
     "flow_type",
+    "invoke",
+    "schedule_timer",
+    "schedule_timer_named",
     "step",
 ]

@@ -1,8 +1,15 @@
-"""The running flow's context: journal replay and step recording.
+"""The running flow's context: journal replay, step recording and durable waits.
 
 Each `@step` call gets a deterministic key (step name + occurrence counter). A key found in the
 journal returns its recorded value (or raises its recorded failure) without running; a new step
 runs, its result is sent to the server, and the flow continues once the server has stored it.
+
+Waits (timers, signals, child flows) are registered with the server under keys of their own
+("timer:NAME#n", "signal:NAME#n", "child:TYPE#n"; inside a step, prefixed by the step's key).
+Their outcomes come back as journal entries. When every branch of a flow waits (no step is
+running and nothing else happened for a moment), the flow suspends: the server takes it back,
+the worker's slot is freed, and the flow is re-assigned and replayed once a wait is satisfied.
+A wait inside a step keeps its step, and its slot, alive until satisfied.
 """
 
 from __future__ import annotations
@@ -11,15 +18,21 @@ import asyncio
 import contextvars
 import hashlib
 import json
+import logging
 import traceback
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ergon_worker_sdk.converter import PayloadConverter, to_jsonable
 from ergon_worker_sdk.errors import (
+    ChildFlowError,
     ConverterError,
     ErgonError,
+    FlowCancelledError,
     HistoryMismatchError,
+    LeaseLostError,
+    RpcError,
     StepFailedError,
 )
 from ergon_worker_sdk.proto.ergon.v1 import common_pb2, worker_pb2
@@ -27,12 +40,30 @@ from ergon_worker_sdk.proto.ergon.v1 import common_pb2, worker_pb2
 if TYPE_CHECKING:
     from ergon_worker_sdk._definitions import StepDefinition
 
+log = logging.getLogger("ergon_worker_sdk.worker")
+
+CANCEL_KEY = "$cancel"
+# How long a flow whose branches all wait stays in memory before it suspends: long enough for
+# sibling branches to reach their own waits, short enough to free slots at once.
+SETTLE_S = 0.005
+
 _CURRENT: contextvars.ContextVar[FlowContext | None] = contextvars.ContextVar(
     "ergon_flow_context", default=None
 )
+_STEP: contextvars.ContextVar[_StepScope | None] = contextvars.ContextVar(
+    "ergon_step_scope", default=None
+)
 
-# Sends a worker event and returns once the server has stored it (raises if refused).
-Recorder = Callable[[worker_pb2.WorkerEvent], Awaitable[None]]
+# Sends a worker event and returns the server's ack once it is stored (raises if refused).
+Recorder = Callable[[worker_pb2.WorkerEvent], Awaitable[worker_pb2.Ack]]
+
+
+@dataclass
+class _StepScope:
+    """The step attempt whose body is running: waits inside it are keyed under it."""
+
+    key: str
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 def current_context() -> FlowContext | None:
@@ -46,6 +77,8 @@ def failure_from_exception(
     """The wire form of an exception."""
     if isinstance(error, StepFailedError):
         kind, message = error.error_type, error.message
+    elif isinstance(error, ChildFlowError):
+        kind, message = error.type_name, error.message
     else:
         kind, message = type(error).__name__, str(error)
     return common_pb2.Failure(
@@ -92,11 +125,27 @@ class FlowContext:
         self.attempt = attempt
         self.converter = converter
         self.max_payload_bytes = max_payload_bytes
-        self._journal = {entry.key: entry for entry in journal}
+        self._entries = {entry.key: entry for entry in journal}
+        self._replayable_steps = {
+            e.key for e in journal if e.kind == common_pb2.ENTRY_KIND_STEP and "/" not in e.key
+        }
+        self._consumed: set[str] = set()
         self._counters: dict[str, int] = {}
         self._record = recorder
         self.steps_run = 0
         self.steps_replayed = 0
+        # Flow-level waits not yet satisfied, and waits inside running steps.
+        self._open: dict[str, asyncio.Future[common_pb2.JournalEntry]] = {}
+        self._step_waits: dict[str, asyncio.Future[common_pb2.JournalEntry]] = {}
+        self._wait_requests: dict[str, worker_pb2.WaitRequest] = {}
+        self._inflight = 0
+        self._activity = 0
+        self._suspending = False
+        self._background: set[asyncio.Task[None]] = set()
+        self.suspended = False
+        self.cancel_requested = CANCEL_KEY in self._entries
+        self._cancel_delivered = False
+        self.task: asyncio.Task[Any] | None = None
 
     def activate(self) -> contextvars.Token[FlowContext | None]:
         """Make this the current context of the running task."""
@@ -108,11 +157,29 @@ class FlowContext:
         _CURRENT.reset(token)
 
     def next_key(self, name: str) -> str:
-        """The deterministic key of the next call of a step named `name`."""
+        """The deterministic key of the next call of `name` at flow level."""
         # Taken before any await, so tasks started in order (asyncio.gather) get keys in order.
         count = self._counters.get(name, 0) + 1
         self._counters[name] = count
         return f"{name}#{count}"
+
+    # ------------------------------------------------------------ cancellation
+
+    def request_cancel(self) -> None:
+        """The server asked this flow to stop: raise FlowCancelledError at the next boundary."""
+        self.cancel_requested = True
+        if self._open and not self._cancel_delivered:
+            self._cancel_delivered = True
+            for future in self._open.values():
+                if not future.done():
+                    future.set_exception(FlowCancelledError(f"flow {self.flow_id} was cancelled"))
+
+    def _boundary(self) -> None:
+        if self.cancel_requested and not self._cancel_delivered:
+            self._cancel_delivered = True
+            raise FlowCancelledError(f"flow {self.flow_id} was cancelled")
+
+    # ------------------------------------------------------------ steps
 
     async def run_step(
         self,
@@ -122,15 +189,19 @@ class FlowContext:
         kwargs: dict[str, Any],
     ) -> Any:
         """Replay a recorded step or run it under its retry policy and record the outcome."""
+        if _STEP.get() is not None:
+            # A step called from inside another step is part of that step's body.
+            return await definition.function(instance, *args, **kwargs)
         key = self.next_key(definition.name)
         digest = args_hash(self.converter, args, kwargs)
-        entry = self._journal.get(key)
+        entry = self._entries.get(key)
         attempts = 0
         if entry is not None:
-            if entry.args_hash != digest:
+            self._consumed.add(key)
+            if entry.kind != common_pb2.ENTRY_KIND_STEP or entry.args_hash != digest:
                 raise HistoryMismatchError(
-                    f"step {key} of flow {self.flow_id} was recorded with other arguments; "
-                    "the flow's code or input handling changed"
+                    f"step {key} of flow {self.flow_id} was recorded with other arguments "
+                    "or as another kind of entry; the flow's code changed"
                 )
             if entry.status == common_pb2.ENTRY_STATUS_COMPLETED:
                 self.steps_replayed += 1
@@ -139,29 +210,43 @@ class FlowContext:
                 self.steps_replayed += 1
                 raise StepFailedError(key, entry.error.type, entry.error.message)
             attempts = entry.attempts
+        self._boundary()
         policy = definition.retry_policy
-        while True:
-            attempts += 1
-            self.steps_run += 1
-            try:
-                value = await definition.function(instance, *args, **kwargs)
-                payload = self._encode(value)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                retry = policy.should_retry(error, attempts)
-                failure = failure_from_exception(
-                    error, non_retryable=not policy.is_retryable(error)
-                )
-                if retry:
-                    await self._record_step(key, digest, attempts, retrying=failure)
-                    await asyncio.sleep(policy.delay_ms(attempts) / 1000)
-                    continue
-                await self._record_step(key, digest, attempts, failure=failure)
-                raise StepFailedError(key, failure.type, failure.message) from error
-            await self._record_step(key, digest, attempts, result=payload)
-            # The flow gets the decoded value, exactly as a replay would give it.
-            return self.converter.from_payload(payload, definition.return_hint)
+        self._inflight += 1
+        self._activity += 1
+        try:
+            while True:
+                attempts += 1
+                self.steps_run += 1
+                scope = _STEP.set(_StepScope(key))
+                try:
+                    value = await definition.function(instance, *args, **kwargs)
+                    payload = self._encode(value)
+                except asyncio.CancelledError:
+                    raise
+                except (LeaseLostError, FlowCancelledError):
+                    raise
+                except Exception as error:
+                    retry = policy.should_retry(error, attempts)
+                    failure = failure_from_exception(
+                        error, non_retryable=not policy.is_retryable(error)
+                    )
+                    if retry:
+                        await self._record_step(key, digest, attempts, retrying=failure)
+                        await asyncio.sleep(policy.delay_ms(attempts) / 1000)
+                        continue
+                    await self._record_step(key, digest, attempts, failure=failure)
+                    raise StepFailedError(key, failure.type, failure.message) from error
+                finally:
+                    _STEP.reset(scope)
+                await self._record_step(key, digest, attempts, result=payload)
+                # The flow gets the decoded value, exactly as a replay would give it.
+                return self.converter.from_payload(payload, definition.return_hint)
+        finally:
+            self._inflight -= 1
+            self._activity += 1
+            if self._open:
+                self._schedule_settle_check()
 
     def _encode(self, value: Any) -> common_pb2.Payload:
         payload = self.converter.to_payload(value)
@@ -197,3 +282,167 @@ class FlowContext:
         elif retrying is not None:
             step_result.retrying.CopyFrom(retrying)
         await self._record(worker_pb2.WorkerEvent(step_result=step_result))
+
+    def unreplayed_steps(self) -> list[str]:
+        """Recorded steps the flow's code did not call this run (a history mismatch)."""
+        return sorted(self._replayable_steps - self._consumed)
+
+    # ------------------------------------------------------------ waits
+
+    async def wait(
+        self, name: str, fill: Callable[[worker_pb2.WaitRequest], None], *, timer: bool = False
+    ) -> common_pb2.JournalEntry:
+        """Wait durably under a deterministic key; returns the wait's journal entry."""
+        scope = _STEP.get()
+        if scope is None:
+            key = self.next_key(name)
+        else:
+            count = scope.counters.get(name, 0) + 1
+            scope.counters[name] = count
+            key = f"{scope.key}/{name}#{count}"
+        return await self.wait_key(key, fill, timer=timer, in_step=scope is not None)
+
+    async def wait_key(
+        self,
+        key: str,
+        fill: Callable[[worker_pb2.WaitRequest], None],
+        *,
+        timer: bool = False,
+        in_step: bool = False,
+    ) -> common_pb2.JournalEntry:
+        """Wait under a key the caller chose (see `wait`)."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._consumed.add(key)
+            return entry
+        if not in_step:
+            self._boundary()
+        request = worker_pb2.WaitRequest(
+            flow_id=self.flow_id, lease_token=self.lease_token, key=key
+        )
+        fill(request)
+        ack = await self._record(worker_pb2.WorkerEvent(wait=request))
+        if ack.entries:
+            return self._satisfied(ack.entries[0])
+        future: asyncio.Future[common_pb2.JournalEntry] = asyncio.get_running_loop().create_future()
+        waits = self._step_waits if in_step else self._open
+        waits[key] = future
+        self._wait_requests[key] = request
+        self._activity += 1
+        if not in_step:
+            self._schedule_settle_check()
+        try:
+            if timer and in_step:
+                # The step keeps running: sleep here too, in case the server's firing is late
+                # to arrive; the fire time is the server's, kept across retries.
+                remaining = max(0.0, (ack.fire_at_ms - ack.server_time_ms) / 1000)
+                try:
+                    async with asyncio.timeout(remaining):
+                        entry = await future
+                except TimeoutError:
+                    entry = common_pb2.JournalEntry(
+                        key=key,
+                        kind=common_pb2.ENTRY_KIND_TIMER,
+                        status=common_pb2.ENTRY_STATUS_COMPLETED,
+                    )
+            else:
+                entry = await future
+        finally:
+            waits.pop(key, None)
+            self._wait_requests.pop(key, None)
+        return self._satisfied(entry)
+
+    def _satisfied(self, entry: common_pb2.JournalEntry) -> common_pb2.JournalEntry:
+        self._entries[entry.key] = entry
+        self._consumed.add(entry.key)
+        self._activity += 1
+        return entry
+
+    def on_wakeup(self, entry: common_pb2.JournalEntry) -> None:
+        """The server reports a satisfied wait of this flow."""
+        future = self._open.get(entry.key) or self._step_waits.get(entry.key)
+        if future is not None and not future.done():
+            future.set_result(entry)
+        else:
+            self._entries.setdefault(entry.key, entry)
+
+    def resync(self) -> None:
+        """After a reconnect: ask again for every open wait, in case a wakeup was lost."""
+        for key, request in list(self._wait_requests.items()):
+            self._spawn(self._refresh(key, request))
+        if self._open:
+            self._schedule_settle_check()
+
+    async def _refresh(self, key: str, request: worker_pb2.WaitRequest) -> None:
+        try:
+            ack = await self._record(worker_pb2.WorkerEvent(wait=request))
+        except RpcError as error:
+            log.info("flow %s: re-registering wait %s failed: %s", self.flow_id, key, error)
+            return
+        for entry in ack.entries:
+            self.on_wakeup(entry)
+
+    def _spawn(self, job: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(job)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _schedule_settle_check(self) -> None:
+        snapshot = self._activity
+        asyncio.get_running_loop().call_later(SETTLE_S, self._maybe_suspend, snapshot)
+
+    def _maybe_suspend(self, snapshot: int) -> None:
+        if (
+            self._activity != snapshot
+            or self._inflight
+            or self._suspending
+            or self.suspended
+            or not self._open
+            or all(future.done() for future in self._open.values())
+        ):
+            return
+        self._suspending = True
+        self._spawn(self._suspend(tuple(self._open)))
+
+    async def _suspend(self, open_keys: tuple[str, ...]) -> None:
+        suspend = worker_pb2.Suspend(
+            flow_id=self.flow_id, lease_token=self.lease_token, open_keys=open_keys
+        )
+        try:
+            ack = await self._record(worker_pb2.WorkerEvent(suspend=suspend))
+        except LeaseLostError:
+            self.suspended = True
+            if self.task is not None:
+                self.task.cancel()
+            return
+        except RpcError as error:
+            log.warning("flow %s: suspend refused: %s", self.flow_id, error)
+            self._suspending = False
+            return
+        if ack.suspended:
+            self.suspended = True
+            if self.task is not None:
+                self.task.cancel()
+            return
+        self._suspending = False
+        for entry in ack.entries:
+            self.on_wakeup(entry)
+        if self._open:
+            self._schedule_settle_check()
+
+    async def child_result(self, key: str, child: Any, flow_type: str, result_hint: Any) -> Any:
+        """Run a child flow to its end and return its result (raising ChildFlowError)."""
+        payload = self.converter.to_payload(child)
+        child_flow_id = f"{self.flow_id}/{key}"
+
+        def fill(request: worker_pb2.WaitRequest) -> None:
+            request.child.child_flow_id = child_flow_id
+            request.child.flow_type = flow_type
+            request.child.input.CopyFrom(payload)
+
+        entry = await self.wait_key(key, fill)
+        if entry.status == common_pb2.ENTRY_STATUS_FAILED:
+            raise ChildFlowError(
+                entry.error.type, entry.error.message, not entry.error.non_retryable
+            )
+        return self.converter.from_payload(entry.result, result_hint)

@@ -103,6 +103,8 @@ class StepDefinition:
     name: str
     retry_policy: RetryPolicy
     function: Callable[..., Awaitable[Any]]
+    depends_on: tuple[str, ...] = ()
+    inputs: dict[str, str] = field(default_factory=dict)
 
     @functools.cached_property
     def return_hint(self) -> Any:
@@ -182,9 +184,19 @@ def flow_type(
         if not definition.type_id or len(definition.type_id) > 256:
             raise ValueError("type_id must be 1 to 256 characters")
         setattr(target, FLOW_TYPE_ATTR, definition)
+        if not hasattr(target, "invoke"):
+            target.invoke = _invoke  # type: ignore[attr-defined]
         return target
 
     return decorate(cls) if cls is not None else decorate
+
+
+def _invoke(self: Any, child: Any) -> Any:
+    """Invoke a child flow from this flow: `await self.invoke(Child(...)).result()`."""
+    # Imported here: the waits module builds on this one.
+    from ergon_worker_sdk._waits import invoke
+
+    return invoke(child)
 
 
 def flow_type_definition(cls: type[Any]) -> FlowTypeDefinition:
@@ -228,7 +240,11 @@ def flow(
 def step(function: Method[R], /) -> Method[R]: ...
 @overload
 def step(
-    *, name: str | None = None, retry_policy: RetryPolicy | None = None
+    *,
+    name: str | None = None,
+    retry_policy: RetryPolicy | None = None,
+    depends_on: str | list[str] | None = None,
+    inputs: dict[str, str] | None = None,
 ) -> Callable[[Method[R]], Method[R]]: ...
 def step(
     function: Method[R] | None = None,
@@ -236,6 +252,8 @@ def step(
     *,
     name: str | None = None,
     retry_policy: RetryPolicy | None = None,
+    depends_on: str | list[str] | None = None,
+    inputs: dict[str, str] | None = None,
 ) -> Method[R] | Callable[[Method[R]], Method[R]]:
     """Mark an async method as a durable step: its result is recorded once and replayed.
 
@@ -243,16 +261,29 @@ def step(
         function: the method (when used bare, `@step`).
         name: the step's name in the journal; the method name by default.
         retry_policy: how failed attempts are retried; no retry by default.
+        depends_on: for `dag()`: steps that must finish before this one.
+        inputs: for `dag()`: parameter name -> the step whose result it receives (an implied
+            dependency).
     """
 
     def decorate(target: Method[R]) -> Method[R]:
         if not inspect.iscoroutinefunction(target):
             raise TypeError(f"@step method {target.__name__} must be async")
+        dependencies = [depends_on] if isinstance(depends_on, str) else list(depends_on or [])
+        for source in (inputs or {}).values():
+            if source not in dependencies:
+                dependencies.append(source)
         definition = StepDefinition(
-            name or target.__name__, retry_policy or RetryPolicy.NONE, target
+            name or target.__name__,
+            retry_policy or RetryPolicy.NONE,
+            target,
+            tuple(dependencies),
+            dict(inputs or {}),
         )
-        if "#" in definition.name:
-            raise ValueError("step names must not contain '#'")
+        if not definition.name or any(c in definition.name for c in "#/:$"):
+            raise ValueError(
+                f"step names must not contain '#', '/', ':' or '$': {definition.name!r}"
+            )
 
         @functools.wraps(target)
         async def run_step(self: Any, *args: Any, **kwargs: Any) -> R:

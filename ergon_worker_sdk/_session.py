@@ -46,6 +46,18 @@ class StreamHandler(Protocol):
         """Stop a flow."""
         ...
 
+    def on_wakeup(self, wakeup: worker_pb2.Wakeup) -> None:
+        """A wait of a flow running here is satisfied."""
+        ...
+
+    def on_lease_ended(self, flow_id: str, lease_token: int) -> None:
+        """The server acknowledged the end of a lease (finish, release, park, suspend)."""
+        ...
+
+    def on_cancel_requested(self, cancel: worker_pb2.CancelRequested) -> None:
+        """A flow running here was cancelled."""
+        ...
+
 
 class _StreamEnded(Exception):
     """The server closed the stream or stopped answering."""
@@ -86,8 +98,8 @@ class WorkerStream:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def request(self, event: worker_pb2.WorkerEvent) -> None:
-        """Send an event and return once the server has stored it.
+    async def request(self, event: worker_pb2.WorkerEvent) -> worker_pb2.Ack:
+        """Send an event and return the server's ack once it has stored it.
 
         Raises:
             RpcError: the server refused it (LeaseLostError, PayloadTooLargeError, ...).
@@ -107,7 +119,7 @@ class WorkerStream:
                 if not self._pending:
                     self._idle.set()
             if ack.code == grpc.StatusCode.OK.value[0]:
-                return
+                return ack
             code = _status_code(ack.code)
             if code is grpc.StatusCode.UNAVAILABLE:
                 # The server's store is down for a moment: send the same event again later.
@@ -257,10 +269,18 @@ class WorkerStream:
                 entry = self._pending.get(event.ack.seq)
                 if entry is not None and not entry[1].done():
                     entry[1].set_result(event.ack)
+                    # Free the slot before any assignment later in this message is handled.
+                    lease = _ended_lease(entry[0], event.ack)
+                    if lease is not None:
+                        self._handler.on_lease_ended(*lease)
             elif kind == "assignment":
                 self._handler.on_assignment(event.assignment)
             elif kind == "revoke":
                 self._handler.on_revoke(event.revoke)
+            elif kind == "wakeup":
+                self._handler.on_wakeup(event.wakeup)
+            elif kind == "cancel_requested":
+                self._handler.on_cancel_requested(event.cancel_requested)
             elif kind == "drain":
                 raise _StreamEnded("the server is draining")
 
@@ -271,6 +291,19 @@ class WorkerStream:
                 await self._idle.wait()
         self._closing = True
         self._queue_ready.set()
+
+
+def _ended_lease(event: worker_pb2.WorkerEvent, ack: worker_pb2.Ack) -> tuple[str, int] | None:
+    """The lease an acknowledged event gave back, if it did."""
+    if ack.code != 0:
+        return None
+    kind = event.WhichOneof("event")
+    if kind in ("flow_completed", "flow_failed", "release", "park") or (
+        kind == "suspend" and ack.suspended
+    ):
+        ended = getattr(event, kind)
+        return ended.flow_id, ended.lease_token
+    return None
 
 
 def _status_code(value: int) -> grpc.StatusCode:

@@ -17,6 +17,7 @@ from ergon_worker_sdk._session import WorkerStream
 from ergon_worker_sdk.converter import construct_dataclass
 from ergon_worker_sdk.errors import (
     ConverterError,
+    FlowCancelledError,
     HistoryMismatchError,
     LeaseLostError,
     RpcError,
@@ -31,6 +32,7 @@ log = logging.getLogger("ergon_worker_sdk.worker")
 class _Running:
     lease_token: int
     task: asyncio.Task[None]
+    context: FlowContext | None = None
 
 
 class Worker:
@@ -104,6 +106,9 @@ class Worker:
         for flow_id in [f for f in self._running if f not in reattached]:
             log.info("lease on flow %s was not re-attached; dropping it here", flow_id)
             self._drop(flow_id)
+        for running in self._running.values():
+            if running.context is not None:
+                running.context.resync()
 
     def on_assignment(self, assignment: worker_pb2.Assignment) -> None:
         """Start running an assigned flow."""
@@ -123,6 +128,25 @@ class Worker:
             log.info("flow %s revoked (%s)", revoke.flow_id, revoke.reason)
             self._drop(revoke.flow_id)
 
+    def on_wakeup(self, wakeup: worker_pb2.Wakeup) -> None:
+        """Hand a satisfied wait to the flow waiting for it."""
+        running = self._running.get(wakeup.flow_id)
+        if running is not None and running.lease_token == wakeup.lease_token and running.context:
+            running.context.on_wakeup(wakeup.entry)
+
+    def on_lease_ended(self, flow_id: str, lease_token: int) -> None:
+        """The server has the flow back: its slot is free here too."""
+        running = self._running.get(flow_id)
+        if running is not None and running.lease_token == lease_token:
+            del self._running[flow_id]
+
+    def on_cancel_requested(self, cancel: worker_pb2.CancelRequested) -> None:
+        """Tell a running flow it was cancelled: it stops at its next step or wait."""
+        running = self._running.get(cancel.flow_id)
+        if running is not None and running.lease_token == cancel.lease_token and running.context:
+            log.info("flow %s: cancel requested (%s)", cancel.flow_id, cancel.reason)
+            running.context.request_cancel()
+
     def _drop(self, flow_id: str) -> None:
         running = self._running.pop(flow_id, None)
         if running is not None:
@@ -130,18 +154,26 @@ class Worker:
 
     # ---- running flows
 
-    async def _request(self, event: worker_pb2.WorkerEvent) -> None:
-        assert self._stream is not None
-        await self._stream.request(event)
+    async def _request(self, event: worker_pb2.WorkerEvent) -> worker_pb2.Ack:
+        if self._stream is None:
+            raise RuntimeError("the worker is not running")
+        return await self._stream.request(event)
 
     async def _execute(self, assignment: worker_pb2.Assignment) -> None:
         flow_id, token = assignment.flow_id, assignment.lease_token
+        context = self._context(assignment)
+        running = self._running.get(flow_id)
+        if running is not None and running.lease_token == token:
+            running.context = context
+        context.task = asyncio.current_task()
         try:
-            await self._run_flow(assignment)
+            await self._run_flow(assignment, context)
         except LeaseLostError:
-            log.info("flow %s: lease lost; another worker has it", flow_id)
+            if not context.suspended:
+                log.info("flow %s: lease lost; another worker has it", flow_id)
         except asyncio.CancelledError:
-            pass
+            if context.suspended:
+                log.debug("flow %s suspended until a wait is satisfied", flow_id)
         except RpcError as error:
             log.error("flow %s: the server refused its outcome: %s", flow_id, error)
         finally:
@@ -149,19 +181,21 @@ class Worker:
             if running is not None and running.lease_token == token:
                 del self._running[flow_id]
 
-    async def _run_flow(self, assignment: worker_pb2.Assignment) -> None:
-        definition = self._types[assignment.flow_type]
-        converter = self.client.converter
-        context = FlowContext(
+    def _context(self, assignment: worker_pb2.Assignment) -> FlowContext:
+        return FlowContext(
             flow_id=assignment.flow_id,
             flow_type=assignment.flow_type,
             lease_token=assignment.lease_token,
             attempt=max(1, assignment.attempt),
             journal=list(assignment.journal),
-            converter=converter,
+            converter=self.client.converter,
             recorder=self._request,
             max_payload_bytes=self.client.max_payload_bytes,
         )
+
+    async def _run_flow(self, assignment: worker_pb2.Assignment, context: FlowContext) -> None:
+        definition = self._types[assignment.flow_type]
+        converter = self.client.converter
         token = context.activate()
         try:
             try:
@@ -173,17 +207,27 @@ class Worker:
             try:
                 result = await getattr(instance, definition.method_name)()
                 payload = self.client.payload(result)
+                unreplayed = context.unreplayed_steps()
+                if unreplayed:
+                    raise HistoryMismatchError(
+                        f"flow {assignment.flow_id} ended without calling the recorded steps "
+                        f"{', '.join(unreplayed)}; the flow's code changed"
+                    )
             except (asyncio.CancelledError, LeaseLostError):
                 raise
             except HistoryMismatchError as error:
-                await self._fail(assignment, error, error.reason, retry_delay_ms=0)
+                await self._park(assignment, error)
                 return
             except Exception as error:
                 policy = self._flow_policy(assignment, definition)
                 delay = 0
-                if policy.should_retry(error, context.attempt) and not (
-                    isinstance(error, StepFailedError)
-                    and error.error_type in policy.error_type_names
+                if (
+                    policy.should_retry(error, context.attempt)
+                    and not isinstance(error, FlowCancelledError)
+                    and not (
+                        isinstance(error, StepFailedError)
+                        and error.error_type in policy.error_type_names
+                    )
                 ):
                     delay = max(1, policy.delay_ms(context.attempt))
                 await self._fail(assignment, error, "", retry_delay_ms=delay)
@@ -210,6 +254,15 @@ class Worker:
                 non_retryable_errors=tuple(wire.non_retryable_error_types),
             )
         return definition.flow.retry_policy or RetryPolicy.NONE
+
+    async def _park(self, assignment: worker_pb2.Assignment, error: HistoryMismatchError) -> None:
+        failure = failure_from_exception(error)
+        failure.reason = error.reason
+        log.warning("flow %s parked: %s", assignment.flow_id, error)
+        park = worker_pb2.Park(
+            flow_id=assignment.flow_id, lease_token=assignment.lease_token, failure=failure
+        )
+        await self._request(worker_pb2.WorkerEvent(park=park))
 
     async def _fail(
         self,

@@ -133,6 +133,35 @@ class StepFailedError(ErgonError):
         self.message = message
 
 
+class ChildFlowError(ErgonError):
+    """A child flow failed (or was cancelled); raised where the parent awaits its result.
+
+    Attributes:
+        type_name: the type name of the child's error.
+        message: the child's error message.
+        retryable: whether the child's error was retryable.
+    """
+
+    def __init__(self, type_name: str, message: str, retryable: bool) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.retryable = retryable
+
+
+class FlowCancelledError(ErgonError):
+    """The flow was cancelled. Raised once, at the flow's next step or wait.
+
+    The flow may catch it to run clean-up steps; whatever it returns, it ends CANCELLED.
+    """
+
+    reason = "CANCELLED"
+
+
+class DagExecutionError(ErgonError):
+    """A `dag()` is malformed (unknown dependency, cycle) or one of its steps failed."""
+
+
 class HistoryMismatchError(ErgonError):
     """The flow's code no longer matches what its journal recorded."""
 

@@ -19,6 +19,11 @@ class EngineConfig:
         max_payload_bytes: Largest payload (input, result, signal) accepted, serialized.
         allow_unregistered_flow_types: Accept flows of types no worker ever registered.
         max_wait_ms: Longest a WaitFlow long-poll is held.
+        timer_poll_interval_ms: Longest the timer loop sleeps without being woken: the bound
+            on how late a timer registered elsewhere (another replica) can fire.
+        park_initial_delay_ms: First retry delay of a flow parked for a history mismatch;
+            it doubles at each park.
+        park_max_delay_ms: The cap on that delay.
     """
 
     lease_ttl_ms: int = 15_000
@@ -28,6 +33,9 @@ class EngineConfig:
     max_payload_bytes: int = 2 * 1024 * 1024
     allow_unregistered_flow_types: bool = False
     max_wait_ms: int = 60_000
+    timer_poll_interval_ms: int = 1_000
+    park_initial_delay_ms: int = 1_000
+    park_max_delay_ms: int = 60_000
 
     def __post_init__(self) -> None:
         if self.lease_ttl_ms <= 0 or self.heartbeat_interval_ms <= 0:

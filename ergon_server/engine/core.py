@@ -16,16 +16,20 @@ from ergon_server.clock import Clock
 from ergon_server.engine.config import EngineConfig
 from ergon_server.engine.dispatcher import Dispatcher
 from ergon_server.engine.sessions import (
-    CODE_UNAVAILABLE,
     AckOut,
+    CancelRequestedOut,
     CapacityIn,
     DrainOut,
     FlowFinishIn,
     HeartbeatIn,
+    ParkIn,
     PingOut,
     ReleaseIn,
     Session,
     StepResultIn,
+    SuspendIn,
+    WaitIn,
+    WakeupOut,
     WorkerEventIn,
 )
 from ergon_server.errors import (
@@ -38,16 +42,19 @@ from ergon_server.errors import (
 )
 from ergon_server.model import (
     CancelOutcome,
+    EntryKind,
     FlowPage,
     FlowRecord,
     FlowStatus,
     JournalRecord,
     Lease,
     NewFlow,
+    Satisfied,
     ScheduleOutcome,
     ScheduleResult,
     SignalOutcome,
     SignalResult,
+    SuspendOutcome,
     WriteOutcome,
 )
 from ergon_server.storage.base import Store
@@ -85,7 +92,9 @@ class Engine:
         self._known_types: set[str] = set()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._runner: asyncio.Task[None] | None = None
+        self._timer_wake = asyncio.Event()
         self.draining = False
+        self.timers_fired = 0
 
     # ----------------------------------------------------------------- life cycle
 
@@ -99,6 +108,7 @@ class Engine:
             group.create_task(self.dispatcher.run(), name="ergon-dispatch")
             group.create_task(self._expiry_loop(), name="ergon-lease-expiry")
             group.create_task(self._ping_loop(), name="ergon-ping")
+            group.create_task(self._timer_loop(), name="ergon-timers")
 
     async def drain(self) -> None:
         """Tell every worker to go away and refuse new sessions; leases stay for a reconnect."""
@@ -134,6 +144,45 @@ class Engine:
                 self.dispatcher.revoke(flow_id, "LEASE_EXPIRED")
             if expired:
                 self.dispatcher.wake()
+
+    async def fire_due_timers(self, limit: int = 1000) -> int:
+        """Fire every timer due now (in batches of `limit`); returns how many fired."""
+        fired = 0
+        while True:
+            batch = await self.store.fire_timers(self.clock.now_ms(), limit)
+            self._satisfied(batch)
+            fired += len(batch)
+            if len(batch) < limit:
+                self.timers_fired += fired
+                return fired
+
+    async def _timer_loop(self) -> None:
+        poll = self.config.timer_poll_interval_ms
+        while True:
+            self._timer_wake.clear()
+            try:
+                await self.fire_due_timers()
+                next_at = await self.store.next_timer_at()
+            except ErgonError as error:
+                log.warning("timer scan failed: %s", error.message)
+                next_at = None
+            delay = poll if next_at is None else min(poll, next_at - self.clock.now_ms())
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay / 1000):
+                        await self._timer_wake.wait()
+
+    def _satisfied(self, satisfied: Sequence[Satisfied]) -> None:
+        """Act on waits that became satisfied: re-queue or tell the worker holding the flow."""
+        for item in satisfied:
+            if item.entry.kind is EntryKind.TIMER:
+                log.debug("timer %s of flow %s fired", item.entry.key, item.flow_id)
+            if item.status is FlowStatus.PENDING:
+                self.dispatcher.wake()
+            elif item.status is FlowStatus.RUNNING:
+                session = self.dispatcher.holder(item.flow_id, item.lease_token)
+                if session is not None:
+                    session.send(WakeupOut(item.flow_id, item.lease_token, item.entry))
 
     async def _ping_loop(self) -> None:
         while True:
@@ -254,15 +303,30 @@ class Engine:
         return await self.store.get_history(flow_id, after_sequence, size)
 
     async def cancel_flow(self, flow_id: str, reason: str) -> FlowRecord:
-        """Cancel a flow that has not ended; its worker is told to stop."""
+        """Cancel a flow that has not ended.
+
+        A pending or waiting flow is CANCELLED at once; a running one is asked to stop at its
+        next step boundary (its code may catch that and clean up) and ends CANCELLED.
+        """
         validate_id(flow_id, "flow_id")
-        outcome = await self.store.cancel_flow(flow_id, reason, self.clock.now_ms())
+        if len(reason) > 1024:
+            raise InvalidArgumentError("a cancel reason is limited to 1024 characters")
+        outcome, satisfied = await self.store.cancel_flow(flow_id, reason, self.clock.now_ms())
         if outcome is CancelOutcome.NOT_FOUND:
             raise NotFoundError(f"flow {flow_id!r} does not exist")
         if outcome is CancelOutcome.CLOSED:
             raise FailedPreconditionError(f"flow {flow_id!r} has already ended", "FLOW_CLOSED")
-        self.dispatcher.revoke(flow_id, "CANCELLED")
-        self._notify(flow_id)
+        if outcome is CancelOutcome.CANCEL_REQUESTED:
+            record = await self.get_flow(flow_id)
+            session = self.dispatcher.holder(flow_id, record.lease_token)
+            if session is not None:
+                session.send(CancelRequestedOut(flow_id, record.lease_token, reason))
+            log.info("cancel of running flow %s requested", flow_id)
+        else:
+            self.dispatcher.revoke(flow_id, "CANCELLED")
+            self._notify(flow_id)
+            log.info("flow %s cancelled", flow_id)
+        self._satisfied(satisfied)
         return await self.get_flow(flow_id)
 
     @staticmethod
@@ -286,6 +350,8 @@ class Engine:
         error = self._signal_error(flow_id, result)
         if error is not None:
             raise error
+        if result.satisfied is not None:
+            self._satisfied([result.satisfied])
         return result.sequence
 
     async def signal_with_schedule(
@@ -305,6 +371,8 @@ class Engine:
         error = self._signal_error(checked.flow_id, signalled)
         if error is not None:
             raise error
+        if signalled.satisfied is not None:
+            self._satisfied([signalled.satisfied])
         self.dispatcher.wake()
         return scheduled, signalled.sequence
 
@@ -375,24 +443,32 @@ class Engine:
         steps = [e for e in events if isinstance(e, StepResultIn)]
         finishes = [e for e in events if isinstance(e, FlowFinishIn)]
         releases = [e for e in events if isinstance(e, ReleaseIn)]
+        waits = [e for e in events if isinstance(e, WaitIn)]
+        suspends = [e for e in events if isinstance(e, SuspendIn)]
+        parks = [e for e in events if isinstance(e, ParkIn)]
         others = [e for e in events if isinstance(e, HeartbeatIn | CapacityIn)]
         jobs = []
         if steps:
             jobs.append(self._record_steps(session, steps))
+        if waits:
+            jobs.append(self._register_waits(session, waits))
         if finishes:
             jobs.append(self._finish_flows(session, finishes))
+        if suspends:
+            jobs.append(self._suspend_flows(session, suspends))
         if releases:
             jobs.append(self._release_flows(session, releases))
+        if parks:
+            jobs.append(self._park_flows(session, parks))
         for event in others:
             jobs.append(self._control(session, event))
         await asyncio.gather(*jobs)
 
     def _refuse(self, session: Session, seqs: Sequence[int], error: ErgonError) -> None:
-        code = CODE_UNAVAILABLE if isinstance(error, UnavailableError) else 13
         log.warning("worker %s: events refused: %s", session.worker_id, error.message)
         for seq in seqs:
             if seq:
-                session.send(AckOut(seq, code, error.reason, error.message))
+                session.send(AckOut(seq, error.grpc_code, error.reason, error.message))
 
     def _ack_fenced(
         self, session: Session, seq: int, flow_id: str, lease_token: int, outcome: WriteOutcome
@@ -417,7 +493,7 @@ class Engine:
 
     async def _finish_flows(self, session: Session, events: list[FlowFinishIn]) -> None:
         try:
-            outcomes = await self.store.finish_flows(
+            outcomes, satisfied = await self.store.finish_flows(
                 [e.finish for e in events], self.clock.now_ms()
             )
         except ErgonError as error:
@@ -427,9 +503,94 @@ class Engine:
             finish = event.finish
             if outcome is WriteOutcome.OK:
                 self.dispatcher.forget(finish.flow_id, finish.lease_token)
-                if finish.retry_delay_ms <= 0:
-                    self._notify(finish.flow_id)
+                self._notify(finish.flow_id)
             self._ack_fenced(session, event.seq, finish.flow_id, finish.lease_token, outcome)
+        self._satisfied(satisfied)
+
+    async def _register_waits(self, session: Session, events: list[WaitIn]) -> None:
+        accepted: list[WaitIn] = []
+        for event in events:
+            child = event.wait.child
+            try:
+                if child is not None:
+                    validate_id(child.flow_id, "child flow_id")
+                    await self._check_flow_types({child.flow_type})
+            except ErgonError as error:
+                self._refuse(session, [event.seq], error)
+                continue
+            accepted.append(event)
+        events = accepted
+        if not events:
+            return
+        try:
+            results = await self.store.register_waits([e.wait for e in events], self.clock.now_ms())
+        except ErgonError as error:
+            self._refuse(session, [e.seq for e in events], error)
+            return
+        now = self.clock.now_ms()
+        for event, result in zip(events, results, strict=True):
+            wait = event.wait
+            if result.outcome is not WriteOutcome.OK:
+                self._ack_fenced(session, event.seq, wait.flow_id, wait.lease_token, result.outcome)
+                continue
+            if result.fire_at is not None and result.entry is None:
+                self._timer_wake.set()
+            if wait.child is not None:
+                self.dispatcher.wake()
+            session.send(
+                AckOut(
+                    event.seq,
+                    entries=(result.entry,) if result.entry is not None else (),
+                    fire_at_ms=result.fire_at or 0,
+                    server_time_ms=now,
+                )
+            )
+
+    async def _suspend_flows(self, session: Session, events: list[SuspendIn]) -> None:
+        try:
+            results, satisfied = await self.store.suspend_flows(
+                [e.suspend for e in events], self.clock.now_ms()
+            )
+        except ErgonError as error:
+            self._refuse(session, [e.seq for e in events], error)
+            return
+        for event, result in zip(events, results, strict=True):
+            request = event.suspend
+            if result.outcome in (SuspendOutcome.SUSPENDED, SuspendOutcome.CANCELLED):
+                self.dispatcher.forget(request.flow_id, request.lease_token)
+                if result.outcome is SuspendOutcome.CANCELLED:
+                    self._notify(request.flow_id)
+                session.send(AckOut(event.seq, suspended=True))
+            elif result.outcome is SuspendOutcome.RESUME:
+                session.send(AckOut(event.seq, entries=result.entries))
+            else:
+                outcome = (
+                    WriteOutcome.NOT_FOUND
+                    if result.outcome is SuspendOutcome.NOT_FOUND
+                    else WriteOutcome.LEASE_LOST
+                )
+                self._ack_fenced(session, event.seq, request.flow_id, request.lease_token, outcome)
+        self._satisfied(satisfied)
+
+    async def _park_flows(self, session: Session, events: list[ParkIn]) -> None:
+        try:
+            outcomes = await self.store.park_flows(
+                [e.park for e in events],
+                self.clock.now_ms(),
+                self.config.park_initial_delay_ms,
+                self.config.park_max_delay_ms,
+            )
+        except ErgonError as error:
+            self._refuse(session, [e.seq for e in events], error)
+            return
+        for event, outcome in zip(events, outcomes, strict=True):
+            park = event.park
+            if outcome is WriteOutcome.OK:
+                log.warning(
+                    "flow %s parked: %s: %s", park.flow_id, park.error.reason, park.error.message
+                )
+                self.dispatcher.forget(park.flow_id, park.lease_token)
+            self._ack_fenced(session, event.seq, park.flow_id, park.lease_token, outcome)
 
     async def _release_flows(self, session: Session, events: list[ReleaseIn]) -> None:
         try:

@@ -76,6 +76,13 @@ class Dispatcher:
         self.wake()
         return session
 
+    def holder(self, flow_id: str, lease_token: int) -> Session | None:
+        """The live session of this server running the flow under that lease, if any."""
+        session = self._owners.get(flow_id)
+        if session is None or session.held.get(flow_id) != lease_token:
+            return None
+        return session
+
     def revoke(self, flow_id: str, reason: str) -> None:
         """Tell the session running a flow here to stop, and free its slot."""
         session = self._owners.get(flow_id)

@@ -9,7 +9,17 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from ergon_server.model import ClaimedFlow, FlowFinish, Lease, StepRecord, WriteOutcome
+from ergon_server.model import (
+    ClaimedFlow,
+    FlowFinish,
+    JournalRecord,
+    Lease,
+    Park,
+    StepRecord,
+    SuspendRequest,
+    WaitRequest,
+    WriteOutcome,
+)
 
 # gRPC status codes carried in acks (grpc.StatusCode values, without importing grpc here).
 CODE_OK = 0
@@ -58,7 +68,33 @@ class CapacityIn:
     capacity: int
 
 
-WorkerEventIn = StepResultIn | FlowFinishIn | ReleaseIn | HeartbeatIn | CapacityIn
+@dataclass(frozen=True, slots=True)
+class WaitIn:
+    """A flow registers a wait."""
+
+    seq: int
+    wait: WaitRequest
+
+
+@dataclass(frozen=True, slots=True)
+class SuspendIn:
+    """A flow whose branches all wait gives its slot back."""
+
+    seq: int
+    suspend: SuspendRequest
+
+
+@dataclass(frozen=True, slots=True)
+class ParkIn:
+    """A flow whose code no longer matches its journal is parked."""
+
+    seq: int
+    park: Park
+
+
+WorkerEventIn = (
+    StepResultIn | FlowFinishIn | ReleaseIn | HeartbeatIn | CapacityIn | WaitIn | SuspendIn | ParkIn
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +105,10 @@ class AckOut:
     code: int = CODE_OK
     reason: str = ""
     message: str = ""
+    entries: tuple[JournalRecord, ...] = ()
+    fire_at_ms: int = 0
+    server_time_ms: int = 0
+    suspended: bool = False
 
     @classmethod
     def for_outcome(cls, seq: int, outcome: WriteOutcome, flow_id: str) -> AckOut:
@@ -102,6 +142,24 @@ class RevokeOut:
 
 
 @dataclass(frozen=True, slots=True)
+class WakeupOut:
+    """A wait of a flow the worker holds is satisfied."""
+
+    flow_id: str
+    lease_token: int
+    entry: JournalRecord
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequestedOut:
+    """The flow the worker holds was cancelled: stop at the next step boundary."""
+
+    flow_id: str
+    lease_token: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class PingOut:
     """Liveness from the server."""
 
@@ -111,7 +169,9 @@ class DrainOut:
     """The server is going away."""
 
 
-ServerEventOut = AckOut | AssignmentOut | RevokeOut | PingOut | DrainOut
+ServerEventOut = (
+    AckOut | AssignmentOut | RevokeOut | PingOut | DrainOut | WakeupOut | CancelRequestedOut
+)
 
 
 class Session:

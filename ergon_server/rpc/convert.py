@@ -37,6 +37,7 @@ ENTRY_KIND_TO_PROTO = {
     EntryKind.TIMER: common_pb2.ENTRY_KIND_TIMER,
     EntryKind.SIGNAL: common_pb2.ENTRY_KIND_SIGNAL,
     EntryKind.CHILD: common_pb2.ENTRY_KIND_CHILD,
+    EntryKind.CANCEL: common_pb2.ENTRY_KIND_CANCEL,
 }
 ENTRY_KIND_FROM_PROTO = {v: k for k, v in ENTRY_KIND_TO_PROTO.items()}
 ENTRY_STATUS_TO_PROTO = {
@@ -169,6 +170,8 @@ def flow_to_proto(flow: FlowRecord) -> common_pb2.FlowInfo:
         created_at=timestamp(flow.created_at),
         updated_at=timestamp(flow.updated_at),
         ready_at=timestamp(flow.ready_at),
+        parent_flow_id=flow.parent_flow_id or "",
+        cancel_requested=flow.cancel_requested,
     )
     info.input.MergeFromString(flow.input)
     if flow.result is not None:

@@ -13,33 +13,18 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from ergon_server.errors import (
-    AlreadyExistsError,
     ErgonError,
-    FailedPreconditionError,
-    InvalidArgumentError,
-    NotFoundError,
-    ResourceExhaustedError,
-    UnavailableError,
 )
 
 log = logging.getLogger(__name__)
 
 DOMAIN = "ergon"
 
-_CODES: list[tuple[type[ErgonError], grpc.StatusCode]] = [
-    (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
-    (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
-    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
-]
-
 
 def code_for(error: ErgonError) -> grpc.StatusCode:
     """The gRPC code of a domain error (INTERNAL for anything unexpected)."""
-    for kind, code in _CODES:
-        if isinstance(error, kind):
+    for code in grpc.StatusCode:
+        if code.value[0] == error.grpc_code:
             return code
     return grpc.StatusCode.INTERNAL
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,16 +15,21 @@ from ergon_server.engine import Engine
 from ergon_server.engine.sessions import (
     AckOut,
     AssignmentOut,
+    CancelRequestedOut,
     CapacityIn,
     DrainOut,
     FlowFinishIn,
     HeartbeatIn,
+    ParkIn,
     PingOut,
     ReleaseIn,
     RevokeOut,
     ServerEventOut,
     Session,
     StepResultIn,
+    SuspendIn,
+    WaitIn,
+    WakeupOut,
     WorkerEventIn,
 )
 from ergon_server.errors import ErgonError, InvalidArgumentError
@@ -34,7 +40,11 @@ from ergon_server.model import (
     FlowFinish,
     FlowStatus,
     Lease,
+    NewFlow,
+    Park,
     StepRecord,
+    SuspendRequest,
+    WaitRequest,
 )
 from ergon_server.rpc import convert
 from ergon_server.rpc.status import code_for, stream
@@ -160,11 +170,57 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             return HeartbeatIn(event.seq)
         if kind == "capacity_update":
             return CapacityIn(event.seq, event.capacity_update.capacity)
+        if kind == "wait":
+            return WaitIn(event.seq, self._wait_request(event.wait))
+        if kind == "suspend":
+            suspend = event.suspend
+            if not suspend.open_keys:
+                raise InvalidArgumentError("a suspend names the waits it waits for", "NO_WAITS")
+            request = SuspendRequest(
+                suspend.flow_id, suspend.lease_token, tuple(dict.fromkeys(suspend.open_keys))
+            )
+            return SuspendIn(event.seq, request)
+        if kind == "park":
+            park = event.park
+            failure = convert.failure_from_proto(park.failure)
+            return ParkIn(event.seq, Park(park.flow_id, park.lease_token, failure))
         if kind == "register":
             raise InvalidArgumentError(
                 "register is only valid as the first event of a stream", "REGISTER_TWICE"
             )
         raise InvalidArgumentError("an empty or unknown worker event", "UNKNOWN_EVENT")
+
+    def _wait_request(self, wait: worker_pb2.WaitRequest) -> WaitRequest:
+        if not wait.key or wait.key.startswith("$") or len(wait.key) > 512:
+            raise InvalidArgumentError(
+                "a wait needs a journal key of at most 512 characters, not starting with '$'",
+                "INVALID_ID",
+            )
+        base = functools.partial(WaitRequest, wait.flow_id, wait.lease_token, wait.key)
+        kind = wait.WhichOneof("wait")
+        if kind == "timer":
+            if wait.timer.fire_in_ms < 0:
+                raise InvalidArgumentError("a timer cannot fire in the past", "INVALID_TIMER")
+            fire_at = self._engine.clock.now_ms() + wait.timer.fire_in_ms
+            return base(kind=EntryKind.TIMER, fire_at=fire_at)
+        if kind == "signal":
+            if not wait.signal.name:
+                raise InvalidArgumentError("a signal wait needs a name", "INVALID_ID")
+            return base(kind=EntryKind.SIGNAL, signal_name=wait.signal.name)
+        if kind == "child":
+            child = wait.child
+            data = convert.payload_bytes(
+                child.input, self._engine.config.max_payload_bytes, "the child flow input"
+            )
+            new_flow = NewFlow(
+                flow_id=child.child_flow_id,
+                flow_type=child.flow_type,
+                input=data,
+                parent_flow_id=wait.flow_id,
+                parent_key=wait.key,
+            )
+            return base(kind=EntryKind.CHILD, child=new_flow)
+        raise InvalidArgumentError("a wait needs a timer, a signal or a child", "MISSING_WAIT")
 
 
 def _step_record(result: worker_pb2.StepResult, limit: int) -> StepRecord:
@@ -201,7 +257,28 @@ def _server_event(event: ServerEventOut) -> worker_pb2.ServerEvent:
     if isinstance(event, AckOut):
         return worker_pb2.ServerEvent(
             ack=worker_pb2.Ack(
-                seq=event.seq, code=event.code, reason=event.reason, message=event.message
+                seq=event.seq,
+                code=event.code,
+                reason=event.reason,
+                message=event.message,
+                entries=[convert.entry_to_proto(e) for e in event.entries],
+                fire_at_ms=event.fire_at_ms,
+                server_time_ms=event.server_time_ms,
+                suspended=event.suspended,
+            )
+        )
+    if isinstance(event, WakeupOut):
+        return worker_pb2.ServerEvent(
+            wakeup=worker_pb2.Wakeup(
+                flow_id=event.flow_id,
+                lease_token=event.lease_token,
+                entry=convert.entry_to_proto(event.entry),
+            )
+        )
+    if isinstance(event, CancelRequestedOut):
+        return worker_pb2.ServerEvent(
+            cancel_requested=worker_pb2.CancelRequested(
+                flow_id=event.flow_id, lease_token=event.lease_token, reason=event.reason
             )
         )
     if isinstance(event, AssignmentOut):

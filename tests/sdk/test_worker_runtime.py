@@ -98,17 +98,24 @@ class PausingChanged:
         return str(reserved)
 
 
-async def test_changed_step_arguments_are_a_history_mismatch(client: Client) -> None:
+async def test_changed_step_arguments_park_the_flow_without_running_the_step(
+    client: Client,
+) -> None:
     _, first = await start(client, Pausing, name="old-code")
     flow_id = await client.schedule(Pausing(1))
     await eventually(lambda: RUNS.get("wait_here") == 1, what="flow reached the gate")
     await first.shutdown(grace=0)
     _, second = await start(client, PausingChanged, name="new-code")
-    outcome = await client.wait(flow_id, timeout=10)
+
+    async def parked() -> bool:
+        flow = await client.get(flow_id)
+        return flow.error is not None and flow.error.reason == "HISTORY_MISMATCH"
+
+    await eventually(parked, what="parked")
     await second.shutdown()
-    assert outcome.status is FlowStatus.FAILED
-    assert outcome.error is not None and outcome.error.reason == "HISTORY_MISMATCH"
+    assert (await client.get(flow_id)).status is FlowStatus.PENDING
     assert RUNS["reserve"] == 1
+    assert [e.key for e in await client.history(flow_id)] == ["reserve#1"]
 
 
 @dataclass
@@ -238,7 +245,10 @@ async def test_cancelling_a_running_flow_stops_it_on_the_worker(client: Client) 
     worker, handle = await start(client, Pausing, Parallel)
     flow_id = await client.schedule(Pausing(3))
     await eventually(lambda: RUNS.get("wait_here") == 1, what="flow reached the gate")
-    cancelled = await client.cancel(flow_id, reason="customer asked")
+    requested = await client.cancel(flow_id, reason="customer asked")
+    assert requested.status is FlowStatus.RUNNING  # it stops at its next step boundary
+    GATE["go"].set()
+    cancelled = await client.wait(flow_id, timeout=10)
     assert cancelled.status is FlowStatus.CANCELLED
     await eventually(lambda: worker.running == 0, what="worker dropped the flow")
     # The worker carries on with other work.

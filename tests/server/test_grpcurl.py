@@ -72,3 +72,51 @@ async def test_grpcurl_schedules_with_inline_json_and_reads_it_back() -> None:
         )
         assert got["flow"]["status"] == "FLOW_STATUS_PENDING"
         assert got["flow"]["input"]["json"] == {"order_id": "A", "amount": 5}
+
+
+async def test_a_signal_sent_with_grpcurl_before_the_flow_waits_is_buffered() -> None:
+    from dataclasses import dataclass
+
+    from ergon_worker_sdk import Worker, await_external_signal, flow, flow_type
+
+    @dataclass
+    @flow_type(type_id="GrpcurlApproval")
+    class GrpcurlApproval:
+        item: str
+
+        @flow
+        async def run(self) -> str:
+            approval = await await_external_signal("approved")
+            return f"{self.item} approved by {approval['by']}"
+
+    async with ErgonTestServer(allow_unregistered_flow_types=True) as server:
+        schedule = {
+            "flow_id": "gc-1",
+            "flow_type": "GrpcurlApproval",
+            "input": {"json": {"item": "lamp"}},
+        }
+        await grpcurl(
+            "-plaintext",
+            "-d",
+            json.dumps(schedule),
+            server.address,
+            "ergon.v1.SchedulerService/ScheduleFlow",
+        )
+        signal = {"flow_id": "gc-1", "name": "approved", "payload": {"json": {"by": "ann"}}}
+        sent = json.loads(
+            await grpcurl(
+                "-plaintext",
+                "-d",
+                json.dumps(signal),
+                server.address,
+                "ergon.v1.SignalService/SendSignal",
+            )
+        )
+        assert sent == {"sequence": "1"}
+        async with server.client() as client:
+            worker = Worker(client, "late-worker")
+            await worker.register(GrpcurlApproval)
+            handle = await worker.start()
+            outcome = await client.wait("gc-1", timeout=10)
+            await handle.shutdown()
+        assert outcome.result == "lamp approved by ann"

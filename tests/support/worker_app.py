@@ -17,7 +17,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ergon_worker_sdk import Client, RetryPolicy, Worker, current_context, flow, flow_type, step
+from ergon_worker_sdk import (
+    Client,
+    RetryPolicy,
+    Worker,
+    current_context,
+    flow,
+    flow_type,
+    schedule_timer,
+    step,
+)
 
 EVENTS: Path
 STEP_DELAY = 0.0
@@ -135,6 +144,52 @@ class Flaky:
         return await self.charge()
 
 
+@dataclass
+@flow_type
+class Sleeper:
+    seconds: float
+
+    @flow
+    async def run(self) -> str:
+        record("flow-start", "-")
+        await schedule_timer(self.seconds)
+        record("flow-end", "-")
+        return "slept"
+
+
+@dataclass
+@flow_type
+class PackItem:
+    item: str
+
+    @step
+    async def pack(self) -> str:
+        record("step-start", f"pack-{self.item}")
+        await asyncio.sleep(STEP_DELAY)
+        record("step-done", f"pack-{self.item}")
+        return f"packed:{self.item}"
+
+    @flow
+    async def run(self) -> str:
+        return await self.pack()
+
+
+@dataclass
+@flow_type
+class Shipment:
+    items: list[str]
+
+    @step
+    async def label(self, packed: list[str]) -> str:
+        record("step-done", "label")
+        return "+".join(packed)
+
+    @flow
+    async def run(self) -> str:
+        packed = await asyncio.gather(*(self.invoke(PackItem(i)).result() for i in self.items))  # type: ignore[attr-defined]
+        return await self.label(list(packed))
+
+
 async def main() -> None:
     global EVENTS, STEP_DELAY, WORKER_ID
     parser = argparse.ArgumentParser()
@@ -151,7 +206,7 @@ async def main() -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     async with Client(args.address) as client:
         worker = Worker(client, args.worker_id, max_concurrency=args.capacity)
-        await worker.register(FiveSteps, ThreeSteps, Flaky)
+        await worker.register(FiveSteps, ThreeSteps, Flaky, Sleeper, PackItem, Shipment)
         handle = await worker.start()
         print("worker started", flush=True)
         await stop.wait()

@@ -65,6 +65,8 @@ class _EntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EntryKind.V
     ENTRY_KIND_TIMER: _EntryKind.ValueType  # 2
     ENTRY_KIND_SIGNAL: _EntryKind.ValueType  # 3
     ENTRY_KIND_CHILD: _EntryKind.ValueType  # 4
+    ENTRY_KIND_CANCEL: _EntryKind.ValueType  # 5
+    """A cancellation request, recorded under the key "$cancel"."""
 
 class EntryKind(_EntryKind, metaclass=_EntryKindEnumTypeWrapper):
     """What a journal entry records."""
@@ -74,6 +76,8 @@ ENTRY_KIND_STEP: EntryKind.ValueType  # 1
 ENTRY_KIND_TIMER: EntryKind.ValueType  # 2
 ENTRY_KIND_SIGNAL: EntryKind.ValueType  # 3
 ENTRY_KIND_CHILD: EntryKind.ValueType  # 4
+ENTRY_KIND_CANCEL: EntryKind.ValueType  # 5
+"""A cancellation request, recorded under the key "$cancel"."""
 Global___EntryKind: _TypeAlias = EntryKind  # noqa: Y015
 
 class _EntryStatus:
@@ -323,11 +327,17 @@ class FlowInfo(_message.Message):
     READY_AT_FIELD_NUMBER: _builtins.int
     COMPLETED_AT_FIELD_NUMBER: _builtins.int
     RETRY_POLICY_FIELD_NUMBER: _builtins.int
+    PARENT_FLOW_ID_FIELD_NUMBER: _builtins.int
+    CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     flow_id: _builtins.str
     flow_type: _builtins.str
     status: Global___FlowStatus.ValueType
     attempt: _builtins.int
     """Flow attempts started so far (1 on the first run)."""
+    parent_flow_id: _builtins.str
+    """Set for a child flow: the flow that invoked it."""
+    cancel_requested: _builtins.bool
+    """A cancel was requested while the flow ran; it ends CANCELLED."""
     @_builtins.property
     def input(self) -> Global___Payload: ...
     @_builtins.property
@@ -368,10 +378,12 @@ class FlowInfo(_message.Message):
         ready_at: _timestamp_pb2.Timestamp | None = ...,
         completed_at: _timestamp_pb2.Timestamp | None = ...,
         retry_policy: Global___RetryPolicy | None = ...,
+        parent_flow_id: _builtins.str = ...,
+        cancel_requested: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "error", b"error", "input", b"input", "ready_at", b"ready_at", "result", b"result", "retry_policy", b"retry_policy", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "error", b"error", "flow_id", b"flow_id", "flow_type", b"flow_type", "input", b"input", "labels", b"labels", "ready_at", b"ready_at", "result", b"result", "retry_policy", b"retry_policy", "status", b"status", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested", b"cancel_requested", "completed_at", b"completed_at", "created_at", b"created_at", "error", b"error", "flow_id", b"flow_id", "flow_type", b"flow_type", "input", b"input", "labels", b"labels", "parent_flow_id", b"parent_flow_id", "ready_at", b"ready_at", "result", b"result", "retry_policy", b"retry_policy", "status", b"status", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -72,6 +72,9 @@ class WorkerEvent(_message.Message):
     FLOW_FAILED_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
     CAPACITY_UPDATE_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    SUSPEND_FIELD_NUMBER: _builtins.int
+    PARK_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Chosen by the worker, unique within its process; echoed in the ack. 0: no ack wanted."""
     @_builtins.property
@@ -88,6 +91,12 @@ class WorkerEvent(_message.Message):
     def release(self) -> Global___Release: ...
     @_builtins.property
     def capacity_update(self) -> Global___CapacityUpdate: ...
+    @_builtins.property
+    def wait(self) -> Global___WaitRequest: ...
+    @_builtins.property
+    def suspend(self) -> Global___Suspend: ...
+    @_builtins.property
+    def park(self) -> Global___Park: ...
     def __init__(
         self,
         *,
@@ -99,12 +108,15 @@ class WorkerEvent(_message.Message):
         flow_failed: Global___FlowFailed | None = ...,
         release: Global___Release | None = ...,
         capacity_update: Global___CapacityUpdate | None = ...,
+        wait: Global___WaitRequest | None = ...,
+        suspend: Global___Suspend | None = ...,
+        park: Global___Park | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity_update", b"capacity_update", "event", b"event", "flow_completed", b"flow_completed", "flow_failed", b"flow_failed", "heartbeat", b"heartbeat", "register", b"register", "release", b"release", "step_result", b"step_result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity_update", b"capacity_update", "event", b"event", "flow_completed", b"flow_completed", "flow_failed", b"flow_failed", "heartbeat", b"heartbeat", "park", b"park", "register", b"register", "release", b"release", "step_result", b"step_result", "suspend", b"suspend", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_update", b"capacity_update", "event", b"event", "flow_completed", b"flow_completed", "flow_failed", b"flow_failed", "heartbeat", b"heartbeat", "register", b"register", "release", b"release", "seq", b"seq", "step_result", b"step_result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_update", b"capacity_update", "event", b"event", "flow_completed", b"flow_completed", "flow_failed", b"flow_failed", "heartbeat", b"heartbeat", "park", b"park", "register", b"register", "release", b"release", "seq", b"seq", "step_result", b"step_result", "suspend", b"suspend", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["register", "heartbeat", "step_result", "flow_completed", "flow_failed", "release", "capacity_update"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["register", "heartbeat", "step_result", "flow_completed", "flow_failed", "release", "capacity_update", "wait", "suspend", "park"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -120,6 +132,8 @@ class ServerEvent(_message.Message):
     REVOKE_FIELD_NUMBER: _builtins.int
     PING_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
+    WAKEUP_FIELD_NUMBER: _builtins.int
+    CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___Registered: ...
     @_builtins.property
@@ -132,6 +146,10 @@ class ServerEvent(_message.Message):
     def ping(self) -> Global___Ping: ...
     @_builtins.property
     def drain(self) -> Global___Drain: ...
+    @_builtins.property
+    def wakeup(self) -> Global___Wakeup: ...
+    @_builtins.property
+    def cancel_requested(self) -> Global___CancelRequested: ...
     def __init__(
         self,
         *,
@@ -141,12 +159,14 @@ class ServerEvent(_message.Message):
         revoke: Global___Revoke | None = ...,
         ping: Global___Ping | None = ...,
         drain: Global___Drain | None = ...,
+        wakeup: Global___Wakeup | None = ...,
+        cancel_requested: Global___CancelRequested | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assignment", b"assignment", "drain", b"drain", "event", b"event", "ping", b"ping", "registered", b"registered", "revoke", b"revoke"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assignment", b"assignment", "cancel_requested", b"cancel_requested", "drain", b"drain", "event", b"event", "ping", b"ping", "registered", b"registered", "revoke", b"revoke", "wakeup", b"wakeup"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assignment", b"assignment", "drain", b"drain", "event", b"event", "ping", b"ping", "registered", b"registered", "revoke", b"revoke"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assignment", b"assignment", "cancel_requested", b"cancel_requested", "drain", b"drain", "event", b"event", "ping", b"ping", "registered", b"registered", "revoke", b"revoke", "wakeup", b"wakeup"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["registered", "assignment", "ack", "revoke", "ping", "drain"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["registered", "assignment", "ack", "revoke", "ping", "drain", "wakeup", "cancel_requested"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -481,11 +501,26 @@ class Ack(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    FIRE_AT_MS_FIELD_NUMBER: _builtins.int
+    SERVER_TIME_MS_FIELD_NUMBER: _builtins.int
+    SUSPENDED_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     code: _builtins.int
     """OK when the event is durable; otherwise a gRPC status code with `reason` (LEASE_LOST, ...)."""
     reason: _builtins.str
     message: _builtins.str
+    fire_at_ms: _builtins.int
+    """For a timer wait: its durable fire time, and the server's clock when it answered."""
+    server_time_ms: _builtins.int
+    suspended: _builtins.bool
+    """For a suspend: true when the flow is now WAITING (or ended CANCELLED) and holds no slot."""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.JournalEntry]:
+        """For a wait: its entry when already satisfied. For a suspend refused with RESUME: the
+        entries of the satisfied waits.
+        """
+
     def __init__(
         self,
         *,
@@ -493,10 +528,14 @@ class Ack(_message.Message):
         code: _builtins.int = ...,
         reason: _builtins.str = ...,
         message: _builtins.str = ...,
+        entries: _abc.Iterable[_common_pb2.JournalEntry] | None = ...,
+        fire_at_ms: _builtins.int = ...,
+        server_time_ms: _builtins.int = ...,
+        suspended: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "reason", b"reason", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "entries", b"entries", "fire_at_ms", b"fire_at_ms", "message", b"message", "reason", b"reason", "seq", b"seq", "server_time_ms", b"server_time_ms", "suspended", b"suspended"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -562,3 +601,231 @@ class Drain(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Drain: _TypeAlias = Drain  # noqa: Y015
+
+@_typing.final
+class WaitRequest(_message.Message):
+    """The flow (or a step inside it) waits. Registered durably under `key`, idempotent by key;
+    its outcome becomes the journal entry of that key. The ack carries the entry when the wait is
+    already satisfied; otherwise a `wakeup` follows while the flow is held, or the flow is
+    re-assigned after a `suspend`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FLOW_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    TIMER_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
+    CHILD_FIELD_NUMBER: _builtins.int
+    flow_id: _builtins.str
+    lease_token: _builtins.int
+    key: _builtins.str
+    @_builtins.property
+    def timer(self) -> Global___TimerWait: ...
+    @_builtins.property
+    def signal(self) -> Global___SignalWait: ...
+    @_builtins.property
+    def child(self) -> Global___ChildWait: ...
+    def __init__(
+        self,
+        *,
+        flow_id: _builtins.str = ...,
+        lease_token: _builtins.int = ...,
+        key: _builtins.str = ...,
+        timer: Global___TimerWait | None = ...,
+        signal: Global___SignalWait | None = ...,
+        child: Global___ChildWait | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["child", b"child", "signal", b"signal", "timer", b"timer", "wait", b"wait"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child", b"child", "flow_id", b"flow_id", "key", b"key", "lease_token", b"lease_token", "signal", b"signal", "timer", b"timer", "wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_wait: _TypeAlias = _typing.Literal["timer", "signal", "child"]  # noqa: Y015
+    _WhichOneofArgType_wait: _TypeAlias = _typing.Literal["wait", b"wait"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_wait) -> _WhichOneofReturnType_wait | None: ...
+
+Global___WaitRequest: _TypeAlias = WaitRequest  # noqa: Y015
+
+@_typing.final
+class TimerWait(_message.Message):
+    """A durable timer: the server fixes its fire time at the first registration of the key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRE_IN_MS_FIELD_NUMBER: _builtins.int
+    fire_in_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        fire_in_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fire_in_ms", b"fire_in_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TimerWait: _TypeAlias = TimerWait  # noqa: Y015
+
+@_typing.final
+class SignalWait(_message.Message):
+    """The next signal of a name, from the flow's FIFO mailbox, consumed exactly once."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignalWait: _TypeAlias = SignalWait  # noqa: Y015
+
+@_typing.final
+class ChildWait(_message.Message):
+    """A child flow, scheduled with this id (idempotent) and awaited to its end."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHILD_FLOW_ID_FIELD_NUMBER: _builtins.int
+    FLOW_TYPE_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    child_flow_id: _builtins.str
+    flow_type: _builtins.str
+    @_builtins.property
+    def input(self) -> _common_pb2.Payload: ...
+    def __init__(
+        self,
+        *,
+        child_flow_id: _builtins.str = ...,
+        flow_type: _builtins.str = ...,
+        input: _common_pb2.Payload | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_flow_id", b"child_flow_id", "flow_type", b"flow_type", "input", b"input"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChildWait: _TypeAlias = ChildWait  # noqa: Y015
+
+@_typing.final
+class Suspend(_message.Message):
+    """Every branch of the flow waits: give the slot back until one of `open_keys` is satisfied."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FLOW_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    OPEN_KEYS_FIELD_NUMBER: _builtins.int
+    flow_id: _builtins.str
+    lease_token: _builtins.int
+    @_builtins.property
+    def open_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        flow_id: _builtins.str = ...,
+        lease_token: _builtins.int = ...,
+        open_keys: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flow_id", b"flow_id", "lease_token", b"lease_token", "open_keys", b"open_keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Suspend: _TypeAlias = Suspend  # noqa: Y015
+
+@_typing.final
+class Park(_message.Message):
+    """The flow's code no longer matches its journal: park it and retry later with backoff."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FLOW_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
+    flow_id: _builtins.str
+    lease_token: _builtins.int
+    @_builtins.property
+    def failure(self) -> _common_pb2.Failure: ...
+    def __init__(
+        self,
+        *,
+        flow_id: _builtins.str = ...,
+        lease_token: _builtins.int = ...,
+        failure: _common_pb2.Failure | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure", "flow_id", b"flow_id", "lease_token", b"lease_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Park: _TypeAlias = Park  # noqa: Y015
+
+@_typing.final
+class Wakeup(_message.Message):
+    """A wait of a flow this worker holds is satisfied."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FLOW_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    ENTRY_FIELD_NUMBER: _builtins.int
+    flow_id: _builtins.str
+    lease_token: _builtins.int
+    @_builtins.property
+    def entry(self) -> _common_pb2.JournalEntry: ...
+    def __init__(
+        self,
+        *,
+        flow_id: _builtins.str = ...,
+        lease_token: _builtins.int = ...,
+        entry: _common_pb2.JournalEntry | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "flow_id", b"flow_id", "lease_token", b"lease_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Wakeup: _TypeAlias = Wakeup  # noqa: Y015
+
+@_typing.final
+class CancelRequested(_message.Message):
+    """The flow was cancelled while running: it should stop at its next step boundary (it may
+    still run clean-up steps) and it will end CANCELLED.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FLOW_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    flow_id: _builtins.str
+    lease_token: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        flow_id: _builtins.str = ...,
+        lease_token: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flow_id", b"flow_id", "lease_token", b"lease_token", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelRequested: _TypeAlias = CancelRequested  # noqa: Y015
