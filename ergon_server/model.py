@@ -337,3 +337,28 @@ class Park:
     flow_id: str
     lease_token: int
     error: Failure
+
+
+class StoreEventKind(enum.Enum):
+    """What another process sharing the store changed (see `Store.subscribe`)."""
+
+    # A flow became PENDING and ready now (scheduled, re-queued, released, woken).
+    READY = "ready"
+    # A timer was registered; it may fire before the next one known.
+    TIMER = "timer"
+    # A wait of a RUNNING flow was satisfied: its holder should be told (flow, token, key).
+    WAKEUP = "wakeup"
+    # A cancel was requested for a RUNNING flow (flow, token).
+    CANCEL_REQUESTED = "cancel_requested"
+    # A flow ended (COMPLETED, FAILED, CANCELLED).
+    ENDED = "ended"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreEvent:
+    """A hint that the store changed; listeners must tolerate duplicates and losses."""
+
+    kind: StoreEventKind
+    flow_id: str = ""
+    lease_token: int = 0
+    key: str = ""

@@ -19,7 +19,7 @@ FAILED under the same lease answers OK and changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from ergon_server.model import (
@@ -37,6 +37,7 @@ from ergon_server.model import (
     ScheduleResult,
     SignalResult,
     StepRecord,
+    StoreEvent,
     SuspendRequest,
     SuspendResult,
     WaitRequest,
@@ -238,5 +239,20 @@ class Store(Protocol):
         The flow becomes PENDING with `error` set and ready_at = now_ms + min(max_delay_ms,
         initial_delay_ms * 2 ** parks), where parks counts its earlier parks; its journal and
         attempt are untouched, its lease cleared. A later COMPLETED finish clears the error.
+        """
+        ...
+
+    async def get_entry(self, flow_id: str, key: str) -> JournalRecord | None:
+        """One journal entry of a flow, or None."""
+        ...
+
+    async def subscribe(self, listener: Callable[[StoreEvent], None]) -> None:
+        """Deliver hints of changes made through this store's database by any process.
+
+        Used by server replicas sharing one database (PostgreSQL: LISTEN/NOTIFY): a flow became
+        ready, a timer was registered, a RUNNING flow's wait was satisfied or its cancel
+        requested, a flow ended. Events may come late, twice, or (on a reconnect) not at all:
+        they are hints, and the engine still polls. A store used by one process only (memory,
+        SQLite) may never call the listener. Call once, after `open()`.
         """
         ...

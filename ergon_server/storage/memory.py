@@ -24,7 +24,7 @@ event loop: every verb is atomic, as one transaction would be. Nothing is durabl
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ergon_server.errors import StoreUnavailableError
@@ -50,6 +50,7 @@ from ergon_server.model import (
     SignalOutcome,
     SignalResult,
     StepRecord,
+    StoreEvent,
     SuspendOutcome,
     SuspendRequest,
     SuspendResult,
@@ -324,6 +325,17 @@ class MemoryStore:
         if flow is None:
             return []
         return [entry for entry in flow.history() if entry.sequence > after_sequence][:limit]
+
+    async def get_entry(self, flow_id: str, key: str) -> JournalRecord | None:
+        """One journal entry of a flow, or None."""
+        self._check_open()
+        flow = self._flows.get(flow_id)
+        entry = None if flow is None else flow.journal.get(key)
+        return None if entry is None else entry.record()
+
+    async def subscribe(self, listener: Callable[[StoreEvent], None]) -> None:
+        """Never calls the listener: only one process uses a memory store."""
+        self._check_open()
 
     async def claim_flows(
         self,

@@ -41,7 +41,7 @@ import dataclasses
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
@@ -75,6 +75,7 @@ from ergon_server.model import (
     SignalOutcome,
     SignalResult,
     StepRecord,
+    StoreEvent,
     SuspendOutcome,
     SuspendRequest,
     SuspendResult,
@@ -2245,6 +2246,19 @@ class SqliteStore:
             (flow_id, after_sequence, limit),
         )
         return [_journal_from_row(row) for row in rows]
+
+    async def get_entry(self, flow_id: str, key: str) -> JournalRecord | None:
+        """One journal entry of a flow, or None."""
+        rows = await self._read(
+            f"SELECT {_JOURNAL_COLUMNS} FROM journal WHERE flow_id = ? AND key = ?",
+            (flow_id, key),
+        )
+        return _journal_from_row(rows[0]) if rows else None
+
+    async def subscribe(self, listener: Callable[[StoreEvent], None]) -> None:
+        """Never calls the listener: one server process owns a SQLite file."""
+        if not self._accepting:
+            raise StoreUnavailableError("the sqlite store is not open")
 
     async def next_ready_at(self, flow_types: Sequence[str]) -> int | None:
         """The earliest ready_at among PENDING flows of these types, or None."""

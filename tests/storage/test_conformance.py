@@ -1365,3 +1365,19 @@ def test_sqlite_migrations_are_shipped() -> None:
     migrations = load_migrations("sqlite")
     assert [m.version for m in migrations] == [1, 2]
     assert [m.name for m in migrations] == ["0001_initial.sql", "0002_waits.sql"]
+
+
+async def test_get_entry_returns_one_journal_entry(store: Store) -> None:
+    from ergon_server.model import EntryKind, EntryStatus, NewFlow, StepRecord
+
+    await store.schedule_flows([NewFlow("entry-flow", "T", b"")], 1)
+    (claimed,) = await store.claim_flows("s", ["T"], 1, 10_000, 1)
+    record = StepRecord(
+        "entry-flow", claimed.lease_token, "a#1", EntryKind.STEP, "", 1, EntryStatus.COMPLETED, b"r"
+    )
+    await store.record_steps([record], 2)
+    entry = await store.get_entry("entry-flow", "a#1")
+    assert entry is not None and (entry.key, entry.result) == ("a#1", b"r")
+    assert await store.get_entry("entry-flow", "b#1") is None
+    assert await store.get_entry("no-flow", "a#1") is None
+    await store.subscribe(lambda event: None)
