@@ -54,6 +54,8 @@ from ergon_server.model import (
     ScheduleResult,
     SignalOutcome,
     SignalResult,
+    StoreEvent,
+    StoreEventKind,
     SuspendOutcome,
     WriteOutcome,
 )
@@ -93,15 +95,45 @@ class Engine:
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._runner: asyncio.Task[None] | None = None
         self._timer_wake = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
         self.draining = False
         self.timers_fired = 0
 
     # ----------------------------------------------------------------- life cycle
 
     async def start(self) -> None:
-        """Start the background loops."""
+        """Start the background loops and listen to changes other replicas make."""
         if self._runner is None:
+            await self.store.subscribe(self._on_store_event)
             self._runner = asyncio.create_task(self._run(), name="ergon-engine")
+
+    def _on_store_event(self, event: StoreEvent) -> None:
+        """React to a change another replica made in the shared store (a hint)."""
+        if event.kind is StoreEventKind.READY:
+            self.dispatcher.wake()
+        elif event.kind is StoreEventKind.TIMER:
+            self._timer_wake.set()
+        elif event.kind is StoreEventKind.ENDED:
+            self._notify(event.flow_id)
+        else:
+            session = self.dispatcher.holder(event.flow_id, event.lease_token)
+            if session is None:
+                return
+            if event.kind is StoreEventKind.CANCEL_REQUESTED:
+                session.send(CancelRequestedOut(event.flow_id, event.lease_token, ""))
+            elif event.kind is StoreEventKind.WAKEUP:
+                task = asyncio.create_task(self._forward_wakeup(session, event))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _forward_wakeup(self, session: Session, event: StoreEvent) -> None:
+        try:
+            entry = await self.store.get_entry(event.flow_id, event.key)
+        except ErgonError as error:
+            log.warning("cannot read wait %s of flow %s: %s", event.key, event.flow_id, error)
+            return
+        if entry is not None:
+            session.send(WakeupOut(event.flow_id, event.lease_token, entry))
 
     async def _run(self) -> None:
         async with asyncio.TaskGroup() as group:
@@ -125,6 +157,8 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
             self._runner = None
+        for task in list(self._background):
+            task.cancel()
         for futures in self._waiters.values():
             for future in futures:
                 if not future.done():

@@ -1,0 +1,1 @@
+"""Ergon's benchmark harness: `python -m benchmarks --help`."""

@@ -1,0 +1,125 @@
+"""The workloads: throughput, latency, timers, backlog. Each returns a dict of figures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from benchmarks.harness import (
+    Deployment,
+    completion_latencies,
+    percentile,
+    progress,
+    schedule_all,
+    start_worker,
+)
+from benchmarks.worker import Sleeper, Trivial3
+from ergon_worker_sdk import Client, FlowStatus
+
+
+async def throughput(deployment: Deployment, flows: int = 1000) -> dict[str, Any]:
+    """N flows of 3 trivial steps scheduled up front; one worker process."""
+    worker = await start_worker(deployment)
+    async with Client(deployment.addresses) as client:
+        started = time.perf_counter()
+        await schedule_all(client, [Trivial3(n) for n in range(flows)], "throughput")
+        await worker.wait_done(flows, "throughput")
+        elapsed = time.perf_counter() - started
+        latencies = await completion_latencies(client, "Trivial3")
+    return {
+        "flows": flows,
+        "seconds": round(elapsed, 3),
+        "flows_per_s": round(flows / elapsed, 1),
+        "schedule_to_complete_p50_ms": round(percentile(latencies, 0.5), 1),
+        "schedule_to_complete_p99_ms": round(percentile(latencies, 0.99), 1),
+    }
+
+
+async def latency(deployment: Deployment, flows: int = 200) -> dict[str, Any]:
+    """One 3-step flow at a time: start-to-result, measured by the client."""
+    await start_worker(deployment)
+    async with Client(deployment.addresses) as client:
+        samples = []
+        for n in range(flows + 10):
+            started = time.perf_counter()
+            flow_id = await client.schedule(Trivial3(n))
+            outcome = await client.wait(flow_id, timeout=30)
+            if outcome.status is not FlowStatus.COMPLETED:
+                raise RuntimeError(f"flow {flow_id} ended {outcome.status.name}")
+            if n >= 10:  # the first few warm the connections up
+                samples.append((time.perf_counter() - started) * 1000)
+            if n and n % 50 == 0:
+                progress(f"latency: {n}/{flows + 10}")
+    return {
+        "flows": flows,
+        "p50_ms": round(percentile(samples, 0.5), 2),
+        "p99_ms": round(percentile(samples, 0.99), 2),
+        "mean_ms": round(sum(samples) / len(samples), 2),
+    }
+
+
+async def timers(
+    deployment: Deployment, flows: int = 10_000, seconds: float = 1.0
+) -> dict[str, Any]:
+    """Flows sleeping on a durable timer; lateness = when it fired - when it was due."""
+    worker = await start_worker(deployment)
+    async with Client(deployment.addresses) as client:
+        started = time.perf_counter()
+        ids = await schedule_all(client, [Sleeper(seconds) for _ in range(flows)], "timers")
+        await worker.wait_done(flows, "timers")
+        elapsed = time.perf_counter() - started
+        lateness: list[float] = []
+        semaphore = asyncio.Semaphore(32)
+
+        async def measure(flow_id: str) -> None:
+            async with semaphore:
+                history = await client.history(flow_id)
+            marks = [e for e in history if e.key == "mark#1"]
+            fired = [e for e in history if e.kind == "TIMER"]
+            # The timer is registered right after the mark step is recorded (server clock):
+            # its due time is at most a round trip after mark + seconds, so this errs late.
+            due = marks[0].recorded_at.timestamp() + seconds
+            lateness.append((fired[0].recorded_at.timestamp() - due) * 1000)
+
+        progress("timers: reading histories")
+        await asyncio.gather(*(measure(f) for f in ids))
+    return {
+        "flows": flows,
+        "sleep_s": seconds,
+        "seconds": round(elapsed, 3),
+        "lateness_p50_ms": round(percentile(lateness, 0.5), 1),
+        "lateness_p99_ms": round(percentile(lateness, 0.99), 1),
+        "lateness_max_ms": round(max(lateness), 1),
+        "fired_early": sum(1 for value in lateness if value < -5),
+    }
+
+
+async def backlog(
+    deployment: Deployment, queued: int = 100_000, measured: int = 10_000
+) -> dict[str, Any]:
+    """Throughput over the first `measured` flows while `queued` flows wait in the queue.
+
+    Timed from the worker's start (its connection included, the same for every backlog).
+    """
+    async with Client(deployment.addresses) as client:
+        await schedule_all(client, [Trivial3(n) for n in range(queued)], f"backlog {queued:,}")
+        started = time.perf_counter()
+        worker = await start_worker(deployment)
+        target = min(queued, measured)
+        await worker.wait_done(target, f"backlog {queued:,}")
+        elapsed = time.perf_counter() - started
+    return {
+        "queued": queued,
+        "measured": target,
+        "seconds": round(elapsed, 3),
+        "flows_per_s": round(target / elapsed, 1),
+    }
+
+
+WORKLOADS = {
+    "throughput": throughput,
+    "latency": latency,
+    "timers": timers,
+    "backlog": backlog,
+}
