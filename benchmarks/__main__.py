@@ -7,6 +7,8 @@ Workloads (see README's performance section):
   backlog     throughput with a large queue versus a small one
   suite       all of the above at their default sizes, on SQLite, then (a) and (b) on
               PostgreSQL with one and two replicas, and the peers that are installed
+
+  install-peers  make the peers' own environments (benchmarks/.peers/, with uv): pyergon
 """
 
 from __future__ import annotations
@@ -84,8 +86,9 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
             await add("throughput", lambda d: throughput(d, 1000), "postgres", replicas)
             await add("latency", lambda d: latency(d, 200), "postgres", replicas)
     if args.workload == "suite" or args.peer:
+        compared = [w for w in ("throughput", "latency") if args.workload in (w, "suite")]
         for peer in peers.available(args.peer):
-            for name in ("throughput", "latency"):
+            for name in compared:
                 progress(f"{name} on peer {peer.name}")
                 rows.append(await peer.run(name, flows or (1000 if name == "throughput" else 200)))
     return rows
@@ -97,7 +100,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("workload", choices=["throughput", "latency", "timers", "backlog", "suite"])
+    parser.add_argument(
+        "workload",
+        choices=["throughput", "latency", "timers", "backlog", "suite", "install-peers"],
+    )
     parser.add_argument("--flows", type=int, default=0, help="flows (workload default if 0)")
     parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--replicas", type=int, default=1, help="server replicas (PostgreSQL)")
@@ -113,6 +119,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def cli(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    if args.workload == "install-peers":
+        return peers.install()
     rows = asyncio.run(main(args))
     print_table(rows)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
