@@ -9,6 +9,7 @@ import pytest
 
 from ergon_worker_sdk import Client
 from ergon_worker_sdk.testing import ErgonTestServer
+from tests.support.postgres import temporary_database_sync
 from tests.support.processes import ServerProcess, WorkerProcess
 
 
@@ -31,17 +32,24 @@ def events(tmp_path: Path) -> Path:
     return tmp_path / "events.log"
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh store for server processes: a SQLite file, or a PostgreSQL database of its own."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ergon.db'}"
+    else:
+        with temporary_database_sync("ergon_e2e") as dsn:
+            yield dsn
+
+
+# Short leases, so crash tests move work quickly.
+FAST_LEASES = ("--lease-ttl", "4", "--heartbeat-interval", "1")
+
+
 @pytest.fixture
-def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
-    """A real `ergon-server` process on SQLite, with short leases for crash tests."""
-    server = ServerProcess(
-        f"sqlite:///{tmp_path / 'ergon.db'}",
-        tmp_path,
-        "--lease-ttl",
-        "4",
-        "--heartbeat-interval",
-        "1",
-    )
+def server_process(store_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
+    """A real `ergon-server` process on every store."""
+    server = ServerProcess(store_url, tmp_path, *FAST_LEASES)
     server.start()
     yield server
     server.kill()

@@ -5,6 +5,8 @@ URLs:
     sqlite:////absolute/path.db    an absolute path (four slashes)
     sqlite://:memory:              SQLite in memory (lost on close)
     memory://                      the dictionary store, for tests
+    postgresql://user@host:5432/db PostgreSQL (also postgres://); any libpq-style URL asyncpg
+                                   accepts, e.g. with a password or ?sslmode=require
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def create_store(url: str, *, sqlite_synchronous: str = "FULL") -> Store:
     scheme = scheme.lower()
     if not separator:
         raise InvalidArgumentError(
-            f"store URL {url!r} has no scheme; use sqlite:///path/to/ergon.db or memory://"
+            f"store URL {url!r} has no scheme; use sqlite:///path/to/ergon.db, "
+            "postgresql://user@host:5432/db or memory://"
         )
     if scheme == "memory":
         if rest:
@@ -51,9 +54,11 @@ def create_store(url: str, *, sqlite_synchronous: str = "FULL") -> Store:
             )
         return SqliteStore(rest[1:], sqlite_synchronous)
     if scheme in ("postgresql", "postgres"):
-        raise InvalidArgumentError(
-            f"store URL {url!r}: the PostgreSQL store is not built yet; use sqlite:///ergon.db"
-        )
+        from ergon_server.storage.postgres import PostgresStore
+
+        # asyncpg wants the scheme in lower case; the rest is its to parse (at open()).
+        return PostgresStore(f"{scheme}://{rest}")
     raise InvalidArgumentError(
-        f"store URL {url!r}: unknown scheme {scheme!r}; use sqlite:///path/to/ergon.db or memory://"
+        f"store URL {url!r}: unknown scheme {scheme!r}; use sqlite:///path/to/ergon.db, "
+        "postgresql://user@host:5432/db or memory://"
     )

@@ -204,7 +204,7 @@ async def main() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    async with Client(args.address) as client:
+    async with Client(args.address.split(",")) as client:
         worker = Worker(client, args.worker_id, max_concurrency=args.capacity)
         await worker.register(FiveSteps, ThreeSteps, Flaky, Sleeper, PackItem, Shipment)
         handle = await worker.start()
