@@ -6,8 +6,11 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from ergon_server.auth import Tokens
 from ergon_server.engine.config import EngineConfig
+from ergon_server.errors import InvalidArgumentError
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DB = "sqlite:///ergon.db"
@@ -25,6 +28,10 @@ class ServerConfig:
             loss) or NORMAL (durable across process crashes only).
         max_message_bytes: the largest gRPC message accepted or sent.
         shutdown_grace_s: how long in-flight calls get to finish on shutdown.
+        tls_cert: PEM certificate chain: serve TLS instead of plaintext.
+        tls_key: PEM private key of `tls_cert`.
+        tls_client_ca: PEM CA bundle: require client certificates signed by it (mutual TLS).
+        tokens: bearer tokens and their roles; None accepts every call.
         engine: the engine's tunables.
     """
 
@@ -34,7 +41,17 @@ class ServerConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     shutdown_grace_s: float = 5.0
     log_level: str = "INFO"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    tokens: Tokens | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidArgumentError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidArgumentError("--tls-client-ca (mutual TLS) needs --tls-cert/--tls-key")
 
 
 def _env(environ: Mapping[str, str], name: str, default: str) -> str:
@@ -93,7 +110,25 @@ def parse_args(
     parser.add_argument(
         "--log-level", default=_env(env, "LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING"
     )
+    for name, what in (
+        ("tls-cert", "PEM certificate chain: serve TLS"),
+        ("tls-key", "PEM private key of --tls-cert"),
+        ("tls-client-ca", "PEM CA bundle: require client certificates (mutual TLS)"),
+        ("tokens-file", "file of ROLE:TOKEN lines (roles worker, client, admin)"),
+    ):
+        value = _env(env, name.upper().replace("-", "_"), "")
+        parser.add_argument(
+            f"--{name}", type=Path, default=Path(value) if value else None, help=what
+        )
     args = parser.parse_args(argv)
+    try:
+        tokens = None
+        if args.tokens_file is not None:
+            tokens = Tokens.from_file(args.tokens_file)
+        elif env.get("ERGON_TOKENS"):
+            tokens = Tokens.parse([env["ERGON_TOKENS"]], "ERGON_TOKENS")
+    except InvalidArgumentError as error:
+        parser.error(error.message)
     try:
         engine = EngineConfig(
             lease_ttl_ms=int(args.lease_ttl * 1000),
@@ -103,10 +138,17 @@ def parse_args(
         )
     except ValueError as error:
         parser.error(str(error))
-    return ServerConfig(
-        listen=args.listen,
-        db=args.db,
-        sqlite_synchronous=args.sqlite_synchronous,
-        log_level=args.log_level.upper(),
-        engine=engine,
-    )
+    try:
+        return ServerConfig(
+            listen=args.listen,
+            db=args.db,
+            sqlite_synchronous=args.sqlite_synchronous,
+            log_level=args.log_level.upper(),
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            tokens=tokens,
+            engine=engine,
+        )
+    except InvalidArgumentError as error:
+        parser.error(error.message)

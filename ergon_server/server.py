@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ergon_server.auth import AuthInterceptor
 from ergon_server.clock import Clock, SystemClock
 from ergon_server.config import ServerConfig
 from ergon_server.engine import Engine
@@ -32,6 +33,15 @@ SERVICE_NAMES = (
     signal_pb2.DESCRIPTOR.services_by_name["SignalService"].full_name,
     worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
 )
+
+
+def _redacted(url: str) -> str:
+    """A store URL with any password hidden, for logs."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{host}"
 
 
 class ErgonServer:
@@ -59,14 +69,16 @@ class ErgonServer:
         """Open the store, bind the port and start serving."""
         await self.store.open()
         limit = self.config.max_message_bytes
+        interceptors = [] if self.config.tokens is None else [AuthInterceptor(self.config.tokens)]
         server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 # Workers ping on their stream; allow transport keepalives too.
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-            ]
+            ],
         )
         scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
             SchedulerServicer(self.engine), server
@@ -78,8 +90,12 @@ class ErgonServer:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         try:
-            self.port = server.add_insecure_port(self.config.listen)
-        except RuntimeError as error:
+            credentials = self._credentials()
+            if credentials is None:
+                self.port = server.add_insecure_port(self.config.listen)
+            else:
+                self.port = server.add_secure_port(self.config.listen, credentials)
+        except (RuntimeError, OSError) as error:
             await self.store.close()
             raise OSError(f"cannot listen on {self.config.listen}: {error}") from error
         await server.start()
@@ -87,7 +103,24 @@ class ErgonServer:
         await self.engine.start()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("ergon-server ready on %s (store %s)", self.address, self.config.db)
+        log.info(
+            "ergon-server ready on %s (store %s, %s%s)",
+            self.address,
+            _redacted(self.config.db),
+            "TLS" if self.config.tls_cert else "plaintext",
+            ", tokens required" if self.config.tokens else "",
+        )
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        config = self.config
+        if config.tls_cert is None or config.tls_key is None:
+            return None
+        client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
 
     async def wait(self) -> None:
         """Return once the server has shut down."""

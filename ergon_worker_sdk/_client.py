@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import datetime
 import enum
-import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -14,16 +13,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
 from ergon_worker_sdk._definitions import RetryPolicy, flow_type_definition
 from ergon_worker_sdk.converter import JsonConverter, PayloadConverter, to_jsonable
 from ergon_worker_sdk.errors import (
     FlowAlreadyScheduledError,
     PayloadTooLargeError,
-    RpcError,
     ServerUnavailableError,
-    rpc_error,
+    translate,
 )
 from ergon_worker_sdk.proto.ergon.v1 import (
     common_pb2,
@@ -95,23 +92,6 @@ class JournalEntry:
     recorded_at: datetime.datetime
 
 
-def _error_info(error: grpc.aio.AioRpcError) -> str:
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    reason: str = info.reason
-                    return reason
-    return ""
-
-
-def translate(error: grpc.aio.AioRpcError) -> RpcError:
-    """The SDK error for a failed call, with the server's ErrorInfo reason."""
-    return rpc_error(error.code(), _error_info(error), error.details() or "")
-
-
 def channel_target(address: str | Sequence[str]) -> tuple[str, list[tuple[str, Any]]]:
     """A gRPC target (and options) for one address or several, round-robin."""
     if isinstance(address, str):
@@ -122,24 +102,68 @@ def channel_target(address: str | Sequence[str]) -> tuple[str, list[tuple[str, A
     return "ipv4:" + ",".join(addresses), [("grpc.lb_policy_name", "round_robin")]
 
 
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS for the connection to the server.
+
+    Attributes:
+        ca_cert: PEM CA bundle that signed the server's certificate (None: the system's roots).
+        client_cert: PEM client certificate chain, for servers that require mutual TLS.
+        client_key: PEM private key of `client_cert`.
+        server_name: the name to check the server's certificate against, when it differs from
+            the address's host.
+    """
+
+    ca_cert: bytes | None = None
+    client_cert: bytes | None = None
+    client_key: bytes | None = None
+    server_name: str | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        ca_cert: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+        server_name: str | None = None,
+    ) -> TlsConfig:
+        """Read the PEM files named."""
+
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            with open(path, "rb") as file:
+                return file.read()
+
+        return cls(read(ca_cert), read(client_cert), read(client_key), server_name)
+
+
 class Client:
     """A connection to an Ergon server, for scheduling, reading, waiting, signalling, cancelling.
 
     Use as `async with Client("127.0.0.1:50051") as client:`. Several addresses (server
     replicas) are used round-robin. Calls that fail with UNAVAILABLE are retried with backoff
-    for up to `retry_timeout_s` (scheduling is idempotent through a request id).
+    for up to `retry_timeout_s` (scheduling is idempotent through a request id). `token` is
+    sent as a bearer token with every call; `tls` (a `TlsConfig`, or True for the system's
+    roots) switches to an encrypted channel.
     """
 
     def __init__(
         self,
         address: str | Sequence[str] = "127.0.0.1:50051",
         *,
+        token: str | None = None,
+        tls: TlsConfig | bool | None = None,
         converter: PayloadConverter | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retry_timeout_s: float = 30.0,
     ) -> None:
         self.address = address
+        self.call_metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        self.tls: TlsConfig | None = TlsConfig() if tls is True else (tls or None)
         self.converter: PayloadConverter = converter or JsonConverter()
         self.max_payload_bytes = max_payload_bytes
         self.max_message_bytes = max_message_bytes
@@ -155,7 +179,15 @@ class Client:
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", self.max_message_bytes),
             ]
-            self._channel = grpc.aio.insecure_channel(target, options=options)
+            if self.tls is None:
+                self._channel = grpc.aio.insecure_channel(target, options=options)
+            else:
+                if self.tls.server_name:
+                    options.append(("grpc.ssl_target_name_override", self.tls.server_name))
+                credentials = grpc.ssl_channel_credentials(
+                    self.tls.ca_cert, self.tls.client_key, self.tls.client_cert
+                )
+                self._channel = grpc.aio.secure_channel(target, credentials, options=options)
         return self._channel
 
     async def close(self) -> None:
@@ -170,13 +202,15 @@ class Client:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def _call(self, call: Callable[[], Awaitable[T]], *, retry: bool = True) -> T:
+    async def _call(
+        self, method: Callable[..., Awaitable[T]], request: Any, *, retry: bool = True
+    ) -> T:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.retry_timeout_s
         backoff = 0.05
         while True:
             try:
-                return await call()
+                return await method(request, metadata=self.call_metadata)
             except grpc.aio.AioRpcError as error:
                 translated = translate(error)
                 if (
@@ -248,7 +282,7 @@ class Client:
         request_id, start_at (aware datetime), retry_policy, labels.
         """
         request = self.schedule_request(flow, **options)
-        response = await self._call(functools.partial(self._scheduler.ScheduleFlow, request))
+        response = await self._call(self._scheduler.ScheduleFlow, request)
         return response.flow_id
 
     async def schedule_many(self, flows: Sequence[Any]) -> list[str]:
@@ -258,7 +292,7 @@ class Client:
             batch = scheduler_pb2.ScheduleFlowsRequest(
                 requests=[self.schedule_request(f) for f in flows[start : start + 1000]]
             )
-            response = await self._call(functools.partial(self._scheduler.ScheduleFlows, batch))
+            response = await self._call(self._scheduler.ScheduleFlows, batch)
             for result in response.results:
                 if result.code:
                     raise FlowAlreadyScheduledError(
@@ -297,7 +331,7 @@ class Client:
     async def get(self, flow_id: str) -> FlowOutcome:
         """The flow's current state."""
         request = scheduler_pb2.GetFlowRequest(flow_id=flow_id)
-        response = await self._call(functools.partial(self._scheduler.GetFlow, request))
+        response = await self._call(self._scheduler.GetFlow, request)
         return self.outcome(response.flow)
 
     async def wait(self, flow_id: str, timeout: float | None = None) -> FlowOutcome:  # noqa: ASYNC109 - pyergon's API
@@ -313,7 +347,7 @@ class Client:
             request = scheduler_pb2.WaitFlowRequest(
                 flow_id=flow_id, timeout_ms=max(0, min(remaining_ms, 60_000))
             )
-            response = await self._call(functools.partial(self._scheduler.WaitFlow, request))
+            response = await self._call(self._scheduler.WaitFlow, request)
             if response.done:
                 return self.outcome(response.flow)
             if deadline is not None and loop.time() >= deadline:
@@ -336,7 +370,7 @@ class Client:
                 page_size=page_size,
                 page_token=token,
             )
-            response = await self._call(functools.partial(self._scheduler.ListFlows, request))
+            response = await self._call(self._scheduler.ListFlows, request)
             for info in response.flows:
                 yield self.outcome(info)
             token = response.next_page_token
@@ -351,7 +385,7 @@ class Client:
             request = scheduler_pb2.GetFlowHistoryRequest(
                 flow_id=flow_id, page_size=1000, page_token=token
             )
-            response = await self._call(functools.partial(self._scheduler.GetFlowHistory, request))
+            response = await self._call(self._scheduler.GetFlowHistory, request)
             for entry in response.entries:
                 error = None
                 if entry.HasField("error"):
@@ -381,7 +415,7 @@ class Client:
     async def cancel(self, flow_id: str, reason: str = "") -> FlowOutcome:
         """Cancel a flow that has not ended."""
         request = scheduler_pb2.CancelFlowRequest(flow_id=flow_id, reason=reason)
-        response = await self._call(functools.partial(self._scheduler.CancelFlow, request))
+        response = await self._call(self._scheduler.CancelFlow, request)
         return self.outcome(response.flow)
 
     async def signal(
@@ -395,7 +429,7 @@ class Client:
             request_id=request_id or uuid.uuid4().hex,
         )
         stub = signal_pb2_grpc.SignalServiceStub(self.channel)
-        response = await self._call(functools.partial(stub.SendSignal, request))
+        response = await self._call(stub.SendSignal, request)
         return response.sequence
 
 

@@ -16,12 +16,20 @@ from typing import Protocol
 
 import grpc
 
-from ergon_worker_sdk.errors import rpc_error
+from ergon_worker_sdk.errors import rpc_error, translate
 from ergon_worker_sdk.proto.ergon.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("ergon_worker_sdk.worker")
 
 PROTOCOL_VERSION = 1
+_FATAL = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    }
+)
 # Keep each outgoing message well under the server's message limit.
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 REGISTER_TIMEOUT_S = 10.0
@@ -76,8 +84,10 @@ class WorkerStream:
         *,
         initial_backoff_s: float = 0.1,
         max_backoff_s: float = 5.0,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self._channel = channel
+        self._metadata = metadata
         self.worker_id = worker_id
         self.flow_types = flow_types
         self.capacity = capacity
@@ -94,6 +104,7 @@ class WorkerStream:
         self.session_id = ""
         self.heartbeat_interval_s = 5.0
         self.connects = 0
+        self.failure: Exception | None = None
         self._was_healthy = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -159,6 +170,11 @@ class WorkerStream:
             except (grpc.aio.AioRpcError, _StreamEnded, grpc.aio.UsageError) as error:
                 if self._closing:
                     break
+                if isinstance(error, grpc.aio.AioRpcError) and error.code() in _FATAL:
+                    # Retrying cannot fix a refused token or a bad registration: say so, stop.
+                    self.failure = translate(error)
+                    log.error("worker %s: the server refused it: %s", self.worker_id, self.failure)
+                    break
                 detail = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error)
                 log.warning("worker %s: stream lost (%s); reconnecting", self.worker_id, detail)
             finally:
@@ -173,7 +189,7 @@ class WorkerStream:
     async def _session_once(self) -> None:
         self._was_healthy = False
         stub = worker_pb2_grpc.WorkerServiceStub(self._channel())
-        call = stub.Connect()
+        call = stub.Connect(metadata=self._metadata)
         register = worker_pb2.Register(
             worker_id=self.worker_id,
             flow_types=self.flow_types,

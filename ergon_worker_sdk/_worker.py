@@ -83,6 +83,7 @@ class Worker:
             sorted(self._types),
             self.max_concurrency,
             self,
+            metadata=self.client.call_metadata,
         )
         self._stream_task = asyncio.create_task(self._stream.run(), name="ergon-worker-stream")
         connected = asyncio.create_task(self._stream.connected.wait())
@@ -90,6 +91,10 @@ class Worker:
         connected.cancel()
         if self._stream_task.done():
             self._stream_task.result()
+            failure, self._stream, self._stream_task = self._stream.failure, None, None
+            if failure is not None:
+                raise failure
+            raise RuntimeError("the worker's stream ended before it registered")
         return WorkerHandle(self)
 
     # ---- StreamHandler

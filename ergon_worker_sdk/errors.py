@@ -22,6 +22,7 @@ ErgonError
 from __future__ import annotations
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 
 class ErgonError(Exception):
@@ -174,3 +175,20 @@ class NonRetryableError(ErgonError):
 
 class ConverterError(ErgonError):
     """A value cannot be turned into a payload, or a payload into a value."""
+
+
+def _error_info(error: grpc.aio.AioRpcError) -> str:
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    reason: str = info.reason
+                    return reason
+    return ""
+
+
+def translate(error: grpc.aio.AioRpcError) -> RpcError:
+    """The SDK error for a failed call, with the server's ErrorInfo reason."""
+    return rpc_error(error.code(), _error_info(error), error.details() or "")

@@ -22,11 +22,27 @@ class ErgonTestServer:
     Args:
         db: a store URL; by default a SQLite file in a fresh temporary folder. `memory://`
             keeps nothing.
+        tokens: require bearer tokens, as `ROLE:TOKEN,ROLE:TOKEN` (roles worker, client,
+            admin); None accepts every call.
+        tls_cert: serve TLS with this PEM certificate chain (and `tls_key`).
+        tls_key: the PEM private key of `tls_cert`.
+        tls_client_ca: require client certificates signed by this PEM CA (mutual TLS).
         engine_options: `EngineConfig` fields to override (lease_ttl_ms, ...).
     """
 
-    def __init__(self, db: str | None = None, **engine_options: Any) -> None:
+    def __init__(
+        self,
+        db: str | None = None,
+        *,
+        tokens: str | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        tls_client_ca: Path | None = None,
+        **engine_options: Any,
+    ) -> None:
         self._db = db
+        self._tokens = tokens
+        self._tls = (tls_cert, tls_key, tls_client_ca)
         self._engine_options = engine_options
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._server: Any = None
@@ -34,6 +50,7 @@ class ErgonTestServer:
 
     async def start(self) -> None:
         """Start serving."""
+        from ergon_server.auth import Tokens
         from ergon_server.config import ServerConfig
         from ergon_server.engine import EngineConfig
         from ergon_server.server import ErgonServer
@@ -46,6 +63,10 @@ class ErgonTestServer:
             listen="127.0.0.1:0",
             db=db,
             shutdown_grace_s=0.5,
+            tls_cert=self._tls[0],
+            tls_key=self._tls[1],
+            tls_client_ca=self._tls[2],
+            tokens=Tokens.parse([self._tokens], "tokens") if self._tokens else None,
             engine=EngineConfig(**self._engine_options),
         )
         self._server = ErgonServer(config)

@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import struct_pb2
 
 from ergon_worker_sdk import Client, FlowStatus
-from ergon_worker_sdk._client import translate
+from ergon_worker_sdk.errors import translate
 from ergon_worker_sdk.proto.ergon.v1 import (
     common_pb2,
     scheduler_pb2,

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from ergon_worker_sdk._client import translate
+from ergon_worker_sdk.errors import translate
 from ergon_worker_sdk.proto.ergon.v1 import (
     common_pb2,
     scheduler_pb2,
