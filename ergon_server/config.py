@@ -102,6 +102,12 @@ def parse_args(
         help="largest input, result or signal payload accepted",
     )
     parser.add_argument(
+        "--max-streams-per-client",
+        type=int,
+        default=int(_env(env, "MAX_STREAMS_PER_CLIENT", str(defaults.max_streams_per_client))),
+        help="most worker streams one client (token, or peer address) may hold open",
+    )
+    parser.add_argument(
         "--allow-unregistered-flow-types",
         action="store_true",
         default=_env(env, "ALLOW_UNREGISTERED_FLOW_TYPES", "") in ("1", "true", "yes"),
@@ -134,6 +140,7 @@ def parse_args(
             lease_ttl_ms=int(args.lease_ttl * 1000),
             heartbeat_interval_ms=int(args.heartbeat_interval * 1000),
             max_payload_bytes=args.max_payload_bytes,
+            max_streams_per_client=args.max_streams_per_client,
             allow_unregistered_flow_types=args.allow_unregistered_flow_types,
         )
     except ValueError as error:

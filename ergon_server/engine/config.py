@@ -24,6 +24,8 @@ class EngineConfig:
         park_initial_delay_ms: First retry delay of a flow parked for a history mismatch;
             it doubles at each park.
         park_max_delay_ms: The cap on that delay.
+        max_streams_per_client: Most worker streams one client (bearer token, or else peer
+            address) may hold open at once; more are refused with RESOURCE_EXHAUSTED.
     """
 
     lease_ttl_ms: int = 15_000
@@ -36,8 +38,11 @@ class EngineConfig:
     timer_poll_interval_ms: int = 1_000
     park_initial_delay_ms: int = 1_000
     park_max_delay_ms: int = 60_000
+    max_streams_per_client: int = 200
 
     def __post_init__(self) -> None:
+        if self.max_streams_per_client < 1:
+            raise ValueError("max_streams_per_client must be at least 1")
         if self.lease_ttl_ms <= 0 or self.heartbeat_interval_ms <= 0:
             raise ValueError("lease TTL and heartbeat interval must be positive")
         if self.heartbeat_interval_ms * 2 > self.lease_ttl_ms:

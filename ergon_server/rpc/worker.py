@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -32,7 +33,7 @@ from ergon_server.engine.sessions import (
     WakeupOut,
     WorkerEventIn,
 )
-from ergon_server.errors import ErgonError, InvalidArgumentError
+from ergon_server.errors import ErgonError, InvalidArgumentError, ResourceExhaustedError
 from ergon_server.model import (
     EntryKind,
     EntryStatus,
@@ -61,12 +62,39 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        # Open streams per client, so one client cannot exhaust the server.
+        self._streams: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def _admitted(self, context: Context) -> Iterator[None]:
+        client = _client_of(context)
+        limit = self._engine.config.max_streams_per_client
+        if self._streams.get(client, 0) >= limit:
+            raise ResourceExhaustedError(
+                f"this client already holds {limit} worker streams, the most allowed "
+                "(--max-streams-per-client)",
+                "TOO_MANY_STREAMS",
+            )
+        self._streams[client] = self._streams.get(client, 0) + 1
+        try:
+            yield
+        finally:
+            self._streams[client] -= 1
+            if not self._streams[client]:
+                del self._streams[client]
 
     @stream
     async def Connect(
         self, request_iterator: AsyncIterator[worker_pb2.ConnectRequest], context: Context
     ) -> AsyncIterator[worker_pb2.ConnectResponse]:
         """Register, then exchange events until either side closes."""
+        with self._admitted(context):
+            async for response in self._connect(request_iterator, context):
+                yield response
+
+    async def _connect(
+        self, request_iterator: AsyncIterator[worker_pb2.ConnectRequest], context: Context
+    ) -> AsyncIterator[worker_pb2.ConnectResponse]:
         requests = request_iterator.__aiter__()
         try:
             async with asyncio.timeout(REGISTER_TIMEOUT_S):
@@ -221,6 +249,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
             return base(kind=EntryKind.CHILD, child=new_flow)
         raise InvalidArgumentError("a wait needs a timer, a signal or a child", "MISSING_WAIT")
+
+
+def _client_of(context: Context) -> str:
+    """Who a call comes from: its bearer token when it has one, else its peer's host."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            return "token:" + hashlib.sha256(value.encode()).hexdigest()
+    peer = context.peer() or ""
+    return "peer:" + peer.rsplit(":", 1)[0]
 
 
 def _step_record(result: worker_pb2.StepResult, limit: int) -> StepRecord:

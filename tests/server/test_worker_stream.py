@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -161,3 +162,38 @@ async def test_bad_registrations_are_refused(
         await call.read()
     error = translate(caught.value)
     assert (error.code, error.reason) == (code, reason)
+
+
+async def test_a_client_may_not_hold_more_streams_than_the_limit() -> None:
+    async with (
+        ErgonTestServer(max_streams_per_client=3) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        calls: list[Call] = []
+        for _ in range(3):
+            call: Call = stub.Connect()
+            await call.write(register())
+            await read_events(call, "registered")
+            calls.append(call)
+        refused: Call = stub.Connect()
+        await refused.write(register())
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await refused.read()
+        error = translate(caught.value)
+        assert (error.code, error.reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOO_MANY_STREAMS",
+        )
+        calls.pop().cancel()
+        async with asyncio.timeout(5):
+            while True:  # the server notices the cancelled stream and frees its place
+                again: Call = stub.Connect()
+                await again.write(register())
+                try:
+                    await read_events(again, "registered")
+                    break
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.05)
+        for call in [*calls, again]:
+            call.cancel()
