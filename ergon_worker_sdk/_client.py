@@ -92,6 +92,20 @@ class JournalEntry:
     recorded_at: datetime.datetime
 
 
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A worker session connected to the server."""
+
+    session_id: str
+    worker_id: str
+    flow_types: list[str]
+    capacity: int
+    running: int
+    assigned_total: int
+    connected_at: datetime.datetime
+    peer: str
+
+
 def channel_target(address: str | Sequence[str]) -> tuple[str, list[tuple[str, Any]]]:
     """A gRPC target (and options) for one address or several, round-robin."""
     if isinstance(address, str):
@@ -274,6 +288,36 @@ class Client:
                 )
             )
         return request
+
+    async def schedule_type(
+        self, flow_type: str, input_value: Any = None, *, flow_id: str | None = None
+    ) -> str:
+        """Schedule a flow by type name with a JSON-able input (the CLI's way, no class needed)."""
+        request = scheduler_pb2.ScheduleFlowRequest(
+            flow_id=flow_id or "",
+            flow_type=flow_type,
+            request_id=uuid.uuid4().hex,
+            input=self.payload(input_value if input_value is not None else {}),
+        )
+        response = await self._call(self._scheduler.ScheduleFlow, request)
+        return response.flow_id
+
+    async def workers(self) -> list[WorkerInfo]:
+        """The worker sessions connected to the server (to this replica)."""
+        response = await self._call(self._scheduler.ListWorkers, scheduler_pb2.ListWorkersRequest())
+        return [
+            WorkerInfo(
+                session_id=w.session_id,
+                worker_id=w.worker_id,
+                flow_types=list(w.flow_types),
+                capacity=w.capacity,
+                running=w.running,
+                assigned_total=w.assigned_total,
+                connected_at=w.connected_at.ToDatetime(datetime.UTC),
+                peer=w.peer,
+            )
+            for w in response.workers
+        ]
 
     async def schedule(self, flow: Any, **options: Any) -> str:
         """Schedule a `@flow_type` instance; returns its flow id.

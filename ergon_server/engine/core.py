@@ -419,6 +419,7 @@ class Engine:
         capacity: int,
         protocol_version: int,
         held: Sequence[Lease],
+        peer: str = "",
     ) -> tuple[Session, list[str]]:
         """Register a worker stream; returns the session and the re-attached flow ids."""
         if self.draining:
@@ -440,7 +441,7 @@ class Engine:
         types = tuple(dict.fromkeys(flow_types))
         await self.store.register_flow_types(types, now)
         self._known_types.update(types)
-        session = Session(uuid.uuid4().hex, worker_id, types, capacity)
+        session = Session(uuid.uuid4().hex, worker_id, types, capacity, connected_at=now, peer=peer)
         reattached: list[str] = []
         if held:
             reattached = await self.store.reattach_leases(

@@ -182,9 +182,18 @@ class Session:
     """
 
     def __init__(
-        self, session_id: str, worker_id: str, flow_types: tuple[str, ...], capacity: int
+        self,
+        session_id: str,
+        worker_id: str,
+        flow_types: tuple[str, ...],
+        capacity: int,
+        *,
+        connected_at: int = 0,
+        peer: str = "",
     ) -> None:
         self.session_id = session_id
+        self.connected_at = connected_at
+        self.peer = peer
         self.worker_id = worker_id
         self.flow_types = flow_types
         self.capacity = capacity

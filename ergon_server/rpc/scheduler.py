@@ -143,6 +143,27 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         flow = await self._engine.cancel_flow(request.flow_id, request.reason)
         return scheduler_pb2.CancelFlowResponse(flow=convert.flow_to_proto(flow))
 
+    @unary
+    async def ListWorkers(
+        self, request: scheduler_pb2.ListWorkersRequest, context: Context
+    ) -> scheduler_pb2.ListWorkersResponse:
+        """The worker sessions connected to this server."""
+        return scheduler_pb2.ListWorkersResponse(
+            workers=[
+                scheduler_pb2.WorkerInfo(
+                    session_id=session.session_id,
+                    worker_id=session.worker_id,
+                    flow_types=list(session.flow_types),
+                    capacity=session.capacity,
+                    running=len(session.held),
+                    assigned_total=session.assigned_total,
+                    connected_at=convert.timestamp(session.connected_at),
+                    peer=session.peer,
+                )
+                for session in self._engine.dispatcher.sessions
+            ]
+        )
+
 
 class SignalServicer(signal_pb2_grpc.SignalServiceServicer):
     """Delivers signals into flows' durable mailboxes."""

@@ -114,6 +114,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             register.capacity,
             register.protocol_version,
             [Lease(h.flow_id, h.lease_token) for h in register.held_leases],
+            peer=context.peer() or "",
         )
         try:
             registered = worker_pb2.Registered(

@@ -71,6 +71,11 @@ class SchedulerServiceStub:
                 request_serializer=ergon_dot_v1_dot_scheduler__pb2.CancelFlowRequest.SerializeToString,
                 response_deserializer=ergon_dot_v1_dot_scheduler__pb2.CancelFlowResponse.FromString,
                 _registered_method=True)
+        self.ListWorkers = channel.unary_unary(
+                '/ergon.v1.SchedulerService/ListWorkers',
+                request_serializer=ergon_dot_v1_dot_scheduler__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=ergon_dot_v1_dot_scheduler__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -123,6 +128,13 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWorkers(self, request, context):
+        """The worker sessions connected to this server (replica), with their capacity and load.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +172,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.CancelFlow,
                     request_deserializer=ergon_dot_v1_dot_scheduler__pb2.CancelFlowRequest.FromString,
                     response_serializer=ergon_dot_v1_dot_scheduler__pb2.CancelFlowResponse.SerializeToString,
+            ),
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=ergon_dot_v1_dot_scheduler__pb2.ListWorkersRequest.FromString,
+                    response_serializer=ergon_dot_v1_dot_scheduler__pb2.ListWorkersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +369,33 @@ class SchedulerService:
             '/ergon.v1.SchedulerService/CancelFlow',
             ergon_dot_v1_dot_scheduler__pb2.CancelFlowRequest.SerializeToString,
             ergon_dot_v1_dot_scheduler__pb2.CancelFlowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ergon.v1.SchedulerService/ListWorkers',
+            ergon_dot_v1_dot_scheduler__pb2.ListWorkersRequest.SerializeToString,
+            ergon_dot_v1_dot_scheduler__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,8 @@ class SchedulerServiceStub:
     GetFlowHistory: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetFlowHistoryRequest, _scheduler_pb2.GetFlowHistoryResponse]
     """The flow's journal, in recording order, paged."""
     CancelFlow: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.CancelFlowRequest, _scheduler_pb2.CancelFlowResponse]
+    ListWorkers: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListWorkersRequest, _scheduler_pb2.ListWorkersResponse]
+    """The worker sessions connected to this server (replica), with their capacity and load."""
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -62,6 +64,8 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     GetFlowHistory: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetFlowHistoryRequest, _scheduler_pb2.GetFlowHistoryResponse]  # type: ignore[assignment]
     """The flow's journal, in recording order, paged."""
     CancelFlow: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.CancelFlowRequest, _scheduler_pb2.CancelFlowResponse]  # type: ignore[assignment]
+    ListWorkers: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListWorkersRequest, _scheduler_pb2.ListWorkersResponse]  # type: ignore[assignment]
+    """The worker sessions connected to this server (replica), with their capacity and load."""
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Schedules flows and reads their state. Used by clients (apps, the CLI, grpcurl)."""
@@ -118,5 +122,13 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_pb2.CancelFlowRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.CancelFlowResponse, _abc.Awaitable[_scheduler_pb2.CancelFlowResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListWorkers(
+        self,
+        request: _scheduler_pb2.ListWorkersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.ListWorkersResponse, _abc.Awaitable[_scheduler_pb2.ListWorkersResponse]]:
+        """The worker sessions connected to this server (replica), with their capacity and load."""
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,294 @@
+"""`ergon`: the command line for people, over gRPC only.
+
+    ergon flows list [--status S] [--type T] [--limit N]
+    ergon flows show FLOW_ID
+    ergon schedule TYPE --json '{"order_id": "A"}' [--flow-id ID]
+    ergon signal FLOW_ID NAME --json '{"by": "ann"}'
+    ergon cancel FLOW_ID [--reason TEXT]
+    ergon workers
+
+Tables (coloured on a terminal) by default; `--json` prints JSON for scripts. Connection
+options: --address (ERGON_ADDRESS), --token (ERGON_TOKEN), --tls-ca/--tls-cert/--tls-key
+(ERGON_TLS_CA, ERGON_TLS_CERT, ERGON_TLS_KEY).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import enum
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ergon_worker_sdk._client import Client, FlowOutcome, FlowStatus, TlsConfig
+from ergon_worker_sdk.errors import ErgonError, RpcError
+
+_COLOURS = {
+    "COMPLETED": "32",
+    "FAILED": "31",
+    "CANCELLED": "33",
+    "RUNNING": "36",
+    "WAITING": "35",
+    "PENDING": "37",
+}
+
+
+class Output:
+    """Where results go: aligned tables for people, JSON for scripts."""
+
+    def __init__(self, as_json: bool, stream: Any = None) -> None:
+        self.as_json = as_json
+        self.stream = stream or sys.stdout
+        self.colour = not as_json and self.stream.isatty() and not os.environ.get("NO_COLOR")
+
+    def paint(self, text: str) -> str:
+        """Colour a status word on a terminal."""
+        code = _COLOURS.get(text)
+        return f"\033[{code}m{text}\033[0m" if self.colour and code else text
+
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        """Print rows under headers, columns aligned."""
+        widths = [len(h) for h in headers]
+        for row in rows:
+            widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+        for row in rows:
+            cells = [
+                self.paint(cell) + " " * (w - len(cell))
+                for cell, w in zip(row, widths, strict=True)
+            ]
+            lines.append("  ".join(cells).rstrip())
+        print("\n".join(lines), file=self.stream)
+
+    def json(self, value: Any) -> None:
+        """Print a value as JSON."""
+        print(json.dumps(value, indent=2, default=_jsonable), file=self.stream)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return value.name
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return repr(value)
+
+
+def _when(moment: datetime.datetime | None) -> str:
+    return "" if moment is None else moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, default=_jsonable) if value is not None else ""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _flow_dict(flow: FlowOutcome) -> dict[str, Any]:
+    return dataclasses.asdict(flow) | {"status": flow.status.name}
+
+
+async def flows_list(client: Client, out: Output, args: argparse.Namespace) -> None:
+    """List flows, newest filters applied, at most --limit."""
+    statuses = [FlowStatus[s.upper()] for s in args.status or []]
+    found: list[FlowOutcome] = []
+    async for flow in client.list_flows(status=statuses, flow_type=args.type, page_size=200):
+        found.append(flow)
+        if len(found) >= args.limit:
+            break
+    if out.as_json:
+        out.json([_flow_dict(f) for f in found])
+        return
+    out.table(
+        ["FLOW ID", "TYPE", "STATUS", "ATTEMPT", "CREATED", "ENDED"],
+        [
+            [
+                f.flow_id,
+                f.flow_type,
+                f.status.name,
+                str(f.attempt),
+                _when(f.created_at),
+                _when(f.completed_at),
+            ]
+            for f in found
+        ],
+    )
+
+
+async def flows_show(client: Client, out: Output, args: argparse.Namespace) -> None:
+    """One flow: status, result or error, and its journal with timings."""
+    flow = await client.get(args.flow_id)
+    journal = await client.history(args.flow_id)
+    if out.as_json:
+        out.json(_flow_dict(flow) | {"journal": [dataclasses.asdict(e) for e in journal]})
+        return
+    print(f"flow     {flow.flow_id}", file=out.stream)
+    print(f"type     {flow.flow_type}", file=out.stream)
+    print(f"status   {out.paint(flow.status.name)} (attempt {flow.attempt})", file=out.stream)
+    print(f"created  {_when(flow.created_at)}", file=out.stream)
+    if flow.completed_at:
+        print(f"ended    {_when(flow.completed_at)}", file=out.stream)
+    if flow.result is not None:
+        print(f"result   {_short(flow.result, 200)}", file=out.stream)
+    if flow.error is not None:
+        reason = f" [{flow.error.reason}]" if flow.error.reason else ""
+        print(f"error    {flow.error.type}: {flow.error.message}{reason}", file=out.stream)
+    print(file=out.stream)
+    start = flow.created_at
+    rows = []
+    for entry in journal:
+        offset = (entry.recorded_at - start).total_seconds() * 1000 if start else 0.0
+        outcome = entry.error.message if entry.error else _short(entry.result)
+        rows.append(
+            [
+                str(entry.sequence),
+                entry.key,
+                entry.kind,
+                entry.status,
+                str(entry.attempts),
+                f"+{offset:.0f} ms",
+                outcome,
+            ]
+        )
+    out.table(["SEQ", "KEY", "KIND", "STATUS", "ATTEMPTS", "AT", "RESULT"], rows)
+
+
+def _json_arg(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"error: --json is not valid JSON: {error}") from None
+
+
+async def schedule(client: Client, out: Output, args: argparse.Namespace) -> None:
+    """Schedule a flow by type name."""
+    flow_id = await client.schedule_type(
+        args.flow_type, _json_arg(args.input), flow_id=args.flow_id
+    )
+    if out.as_json:
+        out.json({"flow_id": flow_id})
+    else:
+        print(flow_id, file=out.stream)
+
+
+async def signal(client: Client, out: Output, args: argparse.Namespace) -> None:
+    """Send a signal to a flow."""
+    sequence = await client.signal(args.flow_id, args.name, _json_arg(args.payload))
+    if out.as_json:
+        out.json({"flow_id": args.flow_id, "name": args.name, "sequence": sequence})
+    else:
+        print(f"signal {args.name} #{sequence} delivered to {args.flow_id}", file=out.stream)
+
+
+async def cancel(client: Client, out: Output, args: argparse.Namespace) -> None:
+    """Cancel a flow."""
+    flow = await client.cancel(args.flow_id, args.reason or "")
+    if out.as_json:
+        out.json(_flow_dict(flow))
+    elif flow.status is FlowStatus.CANCELLED:
+        print(f"{flow.flow_id} {out.paint('CANCELLED')}", file=out.stream)
+    else:
+        print(f"{flow.flow_id} is running: it will stop at its next step", file=out.stream)
+
+
+async def workers(client: Client, out: Output, args: argparse.Namespace) -> None:
+    """The connected worker sessions."""
+    found = await client.workers()
+    if out.as_json:
+        out.json([dataclasses.asdict(w) for w in found])
+        return
+    out.table(
+        ["WORKER", "SESSION", "TYPES", "LOAD", "ASSIGNED", "CONNECTED", "PEER"],
+        [
+            [
+                w.worker_id,
+                w.session_id[:12],
+                ",".join(w.flow_types),
+                f"{w.running}/{w.capacity}",
+                str(w.assigned_total),
+                _when(w.connected_at),
+                w.peer,
+            ]
+            for w in found
+        ],
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line's grammar."""
+    env = os.environ
+    root = argparse.ArgumentParser(
+        prog="ergon", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    root.add_argument("--address", default=env.get("ERGON_ADDRESS", "127.0.0.1:50051"))
+    root.add_argument("--token", default=env.get("ERGON_TOKEN"), help="bearer token")
+    root.add_argument("--tls", action="store_true", help="TLS with the system's roots")
+    root.add_argument("--tls-ca", default=env.get("ERGON_TLS_CA"), help="PEM CA bundle")
+    root.add_argument("--tls-cert", default=env.get("ERGON_TLS_CERT"), help="PEM client cert")
+    root.add_argument("--tls-key", default=env.get("ERGON_TLS_KEY"), help="PEM client key")
+    root.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    commands = root.add_subparsers(dest="command", required=True)
+    flows = commands.add_parser("flows", help="list or show flows")
+    flow_commands = flows.add_subparsers(dest="flows_command", required=True)
+    listing = flow_commands.add_parser("list", help="list flows")
+    listing.add_argument("--status", action="append", choices=[s.name for s in FlowStatus])
+    listing.add_argument("--type", help="only flows of this type")
+    listing.add_argument("--limit", type=int, default=100)
+    listing.set_defaults(run=flows_list)
+    show = flow_commands.add_parser("show", help="a flow and its journal")
+    show.add_argument("flow_id")
+    show.set_defaults(run=flows_show)
+    scheduling = commands.add_parser("schedule", help="schedule a flow by type name")
+    scheduling.add_argument("flow_type")
+    scheduling.add_argument("--json", dest="input", help="the input, as a JSON object")
+    scheduling.add_argument("--flow-id", help="the business key (default: generated)")
+    scheduling.set_defaults(run=schedule)
+    signalling = commands.add_parser("signal", help="send a signal to a flow")
+    signalling.add_argument("flow_id")
+    signalling.add_argument("name")
+    signalling.add_argument("--json", dest="payload", help="the payload, as JSON")
+    signalling.set_defaults(run=signal)
+    cancelling = commands.add_parser("cancel", help="cancel a flow")
+    cancelling.add_argument("flow_id")
+    cancelling.add_argument("--reason")
+    cancelling.set_defaults(run=cancel)
+    listing_workers = commands.add_parser("workers", help="connected workers and their load")
+    listing_workers.set_defaults(run=workers)
+    return root
+
+
+async def _run(args: argparse.Namespace) -> None:
+    tls: TlsConfig | bool | None = None
+    if args.tls_ca or args.tls_cert:
+        tls = TlsConfig.from_files(args.tls_ca, args.tls_cert, args.tls_key)
+    elif args.tls:
+        tls = True
+    addresses = args.address.split(",")
+    async with Client(addresses, token=args.token, tls=tls, retry_timeout_s=5) as client:
+        await args.run(client, Output(args.json), args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `ergon` console script."""
+    args = parser().parse_args(argv)
+    try:
+        asyncio.run(_run(args))
+    except RpcError as error:
+        reason = f" {error.reason}" if error.reason else ""
+        print(f"error: {error.code.name}{reason}: {error.message}", file=sys.stderr)
+        return 1
+    except ErgonError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The `ergon` command line, driven end to end against a real server and worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from ergon_worker_sdk import Client, Worker, await_external_signal, flow, flow_type, step
+from ergon_worker_sdk.testing import ErgonTestServer
+
+
+@dataclass
+@flow_type(type_id="CliOrder")
+class CliOrder:
+    order_id: str
+
+    @step
+    async def reserve(self) -> str:
+        return f"reserved {self.order_id}"
+
+    @flow
+    async def run(self) -> str:
+        reserved = await self.reserve()
+        approval = await await_external_signal("approved")
+        return f"{reserved}, approved by {approval['by']}"
+
+
+async def ergon(address: str, *args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ergon_worker_sdk.cli",
+        "--address",
+        address,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[tuple[ErgonTestServer, Client]]:
+    async with ErgonTestServer() as server, server.client() as client:
+        worker = Worker(client, "cli-worker", max_concurrency=5)
+        await worker.register(CliOrder)
+        handle = await worker.start()
+        yield server, client
+        await handle.shutdown()
+
+
+async def test_schedule_list_show_signal_and_workers(
+    running: tuple[ErgonTestServer, Client],
+) -> None:
+    server, client = running
+    code, out, _ = await ergon(
+        server.address, "schedule", "CliOrder", "--json", '{"order_id": "A-1"}', "--flow-id", "o1"
+    )
+    assert (code, out.strip()) == (0, "o1")
+    await asyncio.sleep(0.3)  # it runs its step, then waits for the signal
+    code, out, _ = await ergon(server.address, "--json", "flows", "list", "--status", "WAITING")
+    listed = json.loads(out)
+    assert code == 0 and [f["flow_id"] for f in listed] == ["o1"]
+    code, out, _ = await ergon(
+        server.address, "signal", "o1", "approved", "--json", '{"by": "ann"}'
+    )
+    assert code == 0 and "delivered" in out
+    outcome = await client.wait("o1", timeout=10)
+    assert outcome.result == "reserved A-1, approved by ann"
+    code, out, _ = await ergon(server.address, "flows", "show", "o1")
+    assert code == 0
+    for expected in ("COMPLETED", "reserve#1", "signal:approved#1", '"reserved A-1"', "+"):
+        assert expected in out, out
+    code, out, _ = await ergon(server.address, "--json", "flows", "show", "o1")
+    shown = json.loads(out)
+    assert [e["key"] for e in shown["journal"]] == ["reserve#1", "signal:approved#1"]
+    code, out, _ = await ergon(server.address, "--json", "workers")
+    (worker,) = json.loads(out)
+    assert worker["worker_id"] == "cli-worker" and worker["capacity"] == 5
+    code, out, _ = await ergon(server.address, "workers")
+    assert "cli-worker" in out and "0/5" in out
+
+
+async def test_cancel_and_errors(running: tuple[ErgonTestServer, Client]) -> None:
+    server, _ = running
+    await ergon(
+        server.address, "schedule", "CliOrder", "--json", '{"order_id": "B"}', "--flow-id", "o2"
+    )
+    await asyncio.sleep(0.3)
+    code, out, _ = await ergon(server.address, "cancel", "o2", "--reason", "test")
+    assert code == 0 and "CANCELLED" in out
+    code, _, err = await ergon(server.address, "cancel", "o2")
+    assert code == 1 and "FAILED_PRECONDITION FLOW_CLOSED" in err
+    code, _, err = await ergon(server.address, "flows", "show", "nope")
+    assert code == 1 and "NOT_FOUND FLOW_NOT_FOUND" in err
+    code, _, err = await ergon(server.address, "schedule", "NoSuchType")
+    assert code == 1 and "UNKNOWN_FLOW_TYPE" in err
