@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from ergon_server import logs
 from ergon_server.config import ServerConfig, parse_args
 from ergon_server.errors import ErgonError
 from ergon_server.server import ErgonServer
@@ -33,11 +34,7 @@ async def serve(config: ServerConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ergon-server` console script."""
     config = parse_args(argv)
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(config.log_level, config.log_format)
     try:
         asyncio.run(serve(config))
     except (ErgonError, OSError) as error:

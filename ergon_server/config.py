@@ -41,6 +41,7 @@ class ServerConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     shutdown_grace_s: float = 5.0
     log_level: str = "INFO"
+    log_format: str = "auto"
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -116,6 +117,12 @@ def parse_args(
     parser.add_argument(
         "--log-level", default=_env(env, "LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING"
     )
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "json", "text"],
+        default=_env(env, "LOG_FORMAT", "auto"),
+        help="json lines, or text; auto: JSON unless stderr is a terminal",
+    )
     for name, what in (
         ("tls-cert", "PEM certificate chain: serve TLS"),
         ("tls-key", "PEM private key of --tls-cert"),
@@ -151,6 +158,7 @@ def parse_args(
             db=args.db,
             sqlite_synchronous=args.sqlite_synchronous,
             log_level=args.log_level.upper(),
+            log_format=args.log_format,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,

@@ -174,7 +174,7 @@ class Engine:
                 log.warning("lease expiry scan failed: %s", error.message)
                 continue
             for flow_id in expired:
-                log.info("lease on flow %s expired; re-queued", flow_id)
+                log.info("lease on flow %s expired; re-queued", flow_id, extra={"flow_id": flow_id})
                 self.dispatcher.revoke(flow_id, "LEASE_EXPIRED")
             if expired:
                 self.dispatcher.wake()
@@ -355,11 +355,11 @@ class Engine:
             session = self.dispatcher.holder(flow_id, record.lease_token)
             if session is not None:
                 session.send(CancelRequestedOut(flow_id, record.lease_token, reason))
-            log.info("cancel of running flow %s requested", flow_id)
+            log.info("cancel of running flow %s requested", flow_id, extra={"flow_id": flow_id})
         else:
             self.dispatcher.revoke(flow_id, "CANCELLED")
             self._notify(flow_id)
-            log.info("flow %s cancelled", flow_id)
+            log.info("flow %s cancelled", flow_id, extra={"flow_id": flow_id})
         self._satisfied(satisfied)
         return await self.get_flow(flow_id)
 
@@ -459,6 +459,7 @@ class Engine:
             ",".join(types),
             capacity,
             len(reattached),
+            extra={"worker_id": worker_id, "session_id": session.session_id},
         )
         return session, reattached
 
@@ -470,6 +471,7 @@ class Engine:
                 session.worker_id,
                 session.session_id,
                 len(session.held),
+                extra={"worker_id": session.worker_id, "session_id": session.session_id},
             )
         self.dispatcher.remove(session)
 
@@ -500,7 +502,12 @@ class Engine:
         await asyncio.gather(*jobs)
 
     def _refuse(self, session: Session, seqs: Sequence[int], error: ErgonError) -> None:
-        log.warning("worker %s: events refused: %s", session.worker_id, error.message)
+        log.warning(
+            "worker %s: events refused: %s",
+            session.worker_id,
+            error.message,
+            extra={"worker_id": session.worker_id, "reason": error.reason},
+        )
         for seq in seqs:
             if seq:
                 session.send(AckOut(seq, error.grpc_code, error.reason, error.message))
@@ -509,7 +516,12 @@ class Engine:
         self, session: Session, seq: int, flow_id: str, lease_token: int, outcome: WriteOutcome
     ) -> None:
         if outcome is WriteOutcome.LEASE_LOST:
-            log.info("worker %s lost its lease on flow %s", session.worker_id, flow_id)
+            log.info(
+                "worker %s lost its lease on flow %s",
+                session.worker_id,
+                flow_id,
+                extra={"worker_id": session.worker_id, "flow_id": flow_id},
+            )
             self.dispatcher.forget(flow_id, lease_token)
         if seq:
             session.send(AckOut.for_outcome(seq, outcome, flow_id))
@@ -622,7 +634,11 @@ class Engine:
             park = event.park
             if outcome is WriteOutcome.OK:
                 log.warning(
-                    "flow %s parked: %s: %s", park.flow_id, park.error.reason, park.error.message
+                    "flow %s parked: %s: %s",
+                    park.flow_id,
+                    park.error.reason,
+                    park.error.message,
+                    extra={"flow_id": park.flow_id, "reason": park.error.reason},
                 )
                 self.dispatcher.forget(park.flow_id, park.lease_token)
             self._ack_fenced(session, event.seq, park.flow_id, park.lease_token, outcome)

@@ -51,7 +51,14 @@ async def _fail(
 ) -> NoReturn:
     if isinstance(error, ErgonError):
         level = logging.ERROR if code_for(error) is grpc.StatusCode.INTERNAL else logging.INFO
-        log.log(level, "%s refused (%s): %s", method, error.reason, error.message)
+        log.log(
+            level,
+            "%s refused (%s): %s",
+            method,
+            error.reason,
+            error.message,
+            extra={"method": method, "reason": error.reason},
+        )
         await abort(context, error)
     log.exception("%s failed with a bug", method)
     await abort(context, ErgonError(f"internal error in {method}; see the server log"))
