@@ -36,11 +36,13 @@ from ergon_worker_sdk.errors import (
     StepFailedError,
 )
 from ergon_worker_sdk.proto.ergon.v1 import common_pb2, worker_pb2
+from ergon_worker_sdk.tracing import Tracer
 
 if TYPE_CHECKING:
     from ergon_worker_sdk._definitions import StepDefinition
 
 log = logging.getLogger("ergon_worker_sdk.worker")
+_TRACER = Tracer("ergon_worker_sdk")
 
 CANCEL_KEY = "$cancel"
 # How long a flow whose branches all wait stays in memory before it suspends: long enough for
@@ -220,7 +222,15 @@ class FlowContext:
                 self.steps_run += 1
                 scope = _STEP.set(_StepScope(key))
                 try:
-                    value = await definition.function(instance, *args, **kwargs)
+                    with _TRACER.span(
+                        "ergon.step",
+                        **{
+                            "ergon.flow_id": self.flow_id,
+                            "ergon.key": key,
+                            "ergon.attempt": attempts,
+                        },
+                    ):
+                        value = await definition.function(instance, *args, **kwargs)
                     payload = self._encode(value)
                 except asyncio.CancelledError:
                     raise

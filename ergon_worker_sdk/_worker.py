@@ -24,6 +24,7 @@ from ergon_worker_sdk.errors import (
     StepFailedError,
 )
 from ergon_worker_sdk.proto.ergon.v1 import worker_pb2
+from ergon_worker_sdk.tracing import Tracer
 
 log = logging.getLogger("ergon_worker_sdk.worker")
 
@@ -56,6 +57,7 @@ class Worker:
         self._running: dict[str, _Running] = {}
         self._stream: WorkerStream | None = None
         self._stream_task: asyncio.Task[None] | None = None
+        self._tracer = Tracer("ergon_worker_sdk")
         self.flows_completed = 0
         self.flows_failed = 0
         self.max_running = 0
@@ -172,7 +174,15 @@ class Worker:
             running.context = context
         context.task = asyncio.current_task()
         try:
-            await self._run_flow(assignment, context)
+            with self._tracer.span(
+                "ergon.flow",
+                **{
+                    "ergon.flow_id": flow_id,
+                    "ergon.flow_type": assignment.flow_type,
+                    "ergon.attempt": assignment.attempt,
+                },
+            ):
+                await self._run_flow(assignment, context)
         except LeaseLostError:
             if not context.suspended:
                 log.info("flow %s: lease lost; another worker has it", flow_id)

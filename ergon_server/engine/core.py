@@ -60,6 +60,7 @@ from ergon_server.model import (
     WriteOutcome,
 )
 from ergon_server.storage.base import Store
+from ergon_worker_sdk.tracing import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class Engine:
         self._runner: asyncio.Task[None] | None = None
         self._timer_wake = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
+        self._tracer = Tracer("ergon_server")
         self.draining = False
         self.timers_fired = 0
         # Counts work handled; a test environment watches it to tell when all is idle.
@@ -264,7 +266,8 @@ class Engine:
         self.activity += 1
         checked = [self._check_new_flow(f) for f in flows]
         await self._check_flow_types({f.flow_type for f in checked})
-        results = await self.store.schedule_flows(checked, self.clock.now_ms())
+        with self._tracer.span("ergon.schedule", **{"ergon.flows": len(checked)}):
+            results = await self.store.schedule_flows(checked, self.clock.now_ms())
         if any(r.outcome is ScheduleOutcome.CREATED for r in results):
             self.dispatcher.wake()
         return results
@@ -532,9 +535,13 @@ class Engine:
 
     async def _record_steps(self, session: Session, events: list[StepResultIn]) -> None:
         try:
-            outcomes = await self.store.record_steps(
-                [e.record for e in events], self.clock.now_ms()
-            )
+            with self._tracer.span(
+                "ergon.record_steps",
+                **{"ergon.steps": len(events), "ergon.worker_id": session.worker_id},
+            ):
+                outcomes = await self.store.record_steps(
+                    [e.record for e in events], self.clock.now_ms()
+                )
         except ErgonError as error:
             self._refuse(session, [e.seq for e in events], error)
             return

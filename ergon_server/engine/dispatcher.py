@@ -18,6 +18,7 @@ from ergon_server.engine.sessions import AssignmentOut, RevokeOut, Session
 from ergon_server.errors import ErgonError
 from ergon_server.model import ClaimedFlow, Lease
 from ergon_server.storage.base import Store
+from ergon_worker_sdk.tracing import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Dispatcher:
         # flow_id -> the live session of this server that holds its lease.
         self._owners: dict[str, Session] = {}
         self._wake = asyncio.Event()
+        self._tracer = Tracer("ergon_server")
         self.dispatched_total = 0
 
     @property
@@ -157,8 +159,11 @@ class Dispatcher:
             )
             self.wake()
             return
-        for flow in flows:
-            self.adopt(session, flow.flow_id, flow.lease_token)
-            session.assigned_total += 1
-            session.send(AssignmentOut(flow))
+        with self._tracer.span(
+            "ergon.dispatch", **{"ergon.flows": len(flows), "ergon.worker_id": session.worker_id}
+        ):
+            for flow in flows:
+                self.adopt(session, flow.flow_id, flow.lease_token)
+                session.assigned_total += 1
+                session.send(AssignmentOut(flow))
         self.dispatched_total += len(flows)

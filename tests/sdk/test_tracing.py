@@ -1,0 +1,59 @@
+"""OpenTelemetry spans for schedule, dispatch and steps (the `otel` extra is installed in dev)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from ergon_worker_sdk import flow, flow_type, step, tracing
+from ergon_worker_sdk.testing import ErgonTestEnvironment
+
+
+@pytest.fixture(scope="module")
+def exporter() -> InMemorySpanExporter:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    # OpenTelemetry's global provider is set once per process, as an application would.
+    trace.set_tracer_provider(provider)
+    return exporter
+
+
+@dataclass
+@flow_type(type_id="Traced")
+class Traced:
+    n: int
+
+    @step
+    async def add_one(self) -> int:
+        return self.n + 1
+
+    @flow
+    async def run(self) -> int:
+        return await self.add_one()
+
+
+async def test_schedule_dispatch_record_flow_and_step_spans(exporter: InMemorySpanExporter) -> None:
+    assert tracing.enabled()
+    exporter.clear()
+    async with ErgonTestEnvironment(Traced) as env:
+        outcome = await env.run(Traced(1))
+    assert outcome.result == 2
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert {
+        "ergon.schedule",
+        "ergon.dispatch",
+        "ergon.record_steps",
+        "ergon.flow",
+        "ergon.step",
+    } <= set(spans)
+    step = spans["ergon.step"]
+    assert step.attributes is not None
+    assert (step.attributes["ergon.key"], step.attributes["ergon.attempt"]) == ("add_one#1", 1)
+    assert spans["ergon.flow"].attributes is not None
+    assert spans["ergon.flow"].attributes["ergon.flow_type"] == "Traced"
