@@ -1136,7 +1136,7 @@ async def test_sqlite_wait_statements_use_their_indexes(sqlite_store: SqliteStor
     pairs = [("f", "a"), ("g", "b")]
     for select, alias in (
         (f"SELECT {module._WAIT_COLUMNS} FROM {{pairs}} JOIN waits AS w", "w"),
-        (f"SELECT j.flow_id, {module._JOURNAL_ROW} FROM {{pairs}} JOIN journal AS j", "j"),
+        (f"SELECT j.flow_id, {module.JOURNAL_ROW} FROM {{pairs}} JOIN journal AS j", "j"),
     ):
         lookup = plan(module._by_pairs(select, alias, pairs), ("f", "a", "g", "b"))
         assert f"SEARCH {alias} USING INDEX sqlite_autoindex" in lookup, lookup
