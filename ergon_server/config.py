@@ -42,6 +42,7 @@ class ServerConfig:
     shutdown_grace_s: float = 5.0
     log_level: str = "INFO"
     log_format: str = "auto"
+    metrics_listen: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -118,6 +119,11 @@ def parse_args(
         "--log-level", default=_env(env, "LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING"
     )
     parser.add_argument(
+        "--metrics-listen",
+        default=_env(env, "METRICS_LISTEN", "") or None,
+        help="host:port to serve Prometheus metrics on (GET /metrics); off by default",
+    )
+    parser.add_argument(
         "--log-format",
         choices=["auto", "json", "text"],
         default=_env(env, "LOG_FORMAT", "auto"),
@@ -159,6 +165,7 @@ def parse_args(
             sqlite_synchronous=args.sqlite_synchronous,
             log_level=args.log_level.upper(),
             log_format=args.log_format,
+            metrics_listen=args.metrics_listen,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,

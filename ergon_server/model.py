@@ -156,6 +156,8 @@ class ClaimedFlow:
     attempt: int
     retry_policy: RetryPolicy | None
     journal: list[JournalRecord]
+    # When it became ready: the dispatch latency is measured from here.
+    ready_at: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +330,9 @@ class Satisfied:
     status: FlowStatus
     lease_token: int
     lease_owner: str | None
+    # TIMER: when it was due (its lateness is entry.recorded_at - fire_at); informational,
+    # so not part of equality.
+    fire_at: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ergon_server import metrics
 from ergon_server.auth import AuthInterceptor
 from ergon_server.clock import Clock, SystemClock
 from ergon_server.config import ServerConfig
@@ -57,7 +58,10 @@ class ErgonServer:
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
+        self._metrics_server: asyncio.Server | None = None
+        self._counted_at = float("-inf")
         self.port = 0
+        self.metrics_port = 0
 
     @property
     def address(self) -> str:
@@ -101,6 +105,12 @@ class ErgonServer:
         await server.start()
         self._server = server
         await self.engine.start()
+        if self.config.metrics_listen:
+            host, _, port = self.config.metrics_listen.rpartition(":")
+            self._metrics_server = await metrics.serve(
+                self.engine.metrics, host or "127.0.0.1", int(port), self._count_flows
+            )
+            self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -122,6 +132,13 @@ class ErgonServer:
             require_client_auth=client_ca is not None,
         )
 
+    async def _count_flows(self) -> None:
+        """Refresh the flow counts for a scrape, at most every 5 s (it may scan the store)."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._counted_at >= 5:
+            self._counted_at = loop.time()
+            self.engine.metrics.flow_counts = await self.store.count_flows()
+
     async def wait(self) -> None:
         """Return once the server has shut down."""
         await self._stopped.wait()
@@ -131,6 +148,9 @@ class ErgonServer:
 
         Idempotent and safe before `start()`.
         """
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
         if self._server is not None:
             server, self._server = self._server, None
             await self._health.enter_graceful_shutdown()

@@ -19,6 +19,7 @@ import contextvars
 import hashlib
 import json
 import logging
+import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -221,6 +222,7 @@ class FlowContext:
                 attempts += 1
                 self.steps_run += 1
                 scope = _STEP.set(_StepScope(key))
+                started = time.perf_counter()
                 try:
                     with _TRACER.span(
                         "ergon.step",
@@ -241,15 +243,17 @@ class FlowContext:
                     failure = failure_from_exception(
                         error, non_retryable=not policy.is_retryable(error)
                     )
+                    elapsed_ms = round((time.perf_counter() - started) * 1000)
                     if retry:
-                        await self._record_step(key, digest, attempts, retrying=failure)
+                        await self._record_step(key, digest, attempts, elapsed_ms, retrying=failure)
                         await asyncio.sleep(policy.delay_ms(attempts) / 1000)
                         continue
-                    await self._record_step(key, digest, attempts, failure=failure)
+                    await self._record_step(key, digest, attempts, elapsed_ms, failure=failure)
                     raise StepFailedError(key, failure.type, failure.message) from error
                 finally:
                     _STEP.reset(scope)
-                await self._record_step(key, digest, attempts, result=payload)
+                elapsed_ms = round((time.perf_counter() - started) * 1000)
+                await self._record_step(key, digest, attempts, elapsed_ms, result=payload)
                 # The flow gets the decoded value, exactly as a replay would give it.
                 return self.converter.from_payload(payload, definition.return_hint)
         finally:
@@ -272,6 +276,7 @@ class FlowContext:
         key: str,
         digest: str,
         attempts: int,
+        duration_ms: int,
         *,
         result: common_pb2.Payload | None = None,
         failure: common_pb2.Failure | None = None,
@@ -284,6 +289,7 @@ class FlowContext:
             args_hash=digest,
             attempts=attempts,
             kind=common_pb2.ENTRY_KIND_STEP,
+            duration_ms=duration_ms,
         )
         if result is not None:
             step_result.result.CopyFrom(result)

@@ -40,6 +40,7 @@ from ergon_server.errors import (
     NotFoundError,
     UnavailableError,
 )
+from ergon_server.metrics import Metrics
 from ergon_server.model import (
     CancelOutcome,
     EntryKind,
@@ -87,11 +88,22 @@ def validate_id(value: str, what: str, *, allow_empty: bool = False) -> None:
 class Engine:
     """Flows, dispatch, leases and signals over a `Store`."""
 
-    def __init__(self, store: Store, clock: Clock, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        config: EngineConfig | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.store = store
         self.clock = clock
         self.config = config or EngineConfig()
-        self.dispatcher = Dispatcher(store, clock, self.config)
+        self.metrics = metrics or Metrics()
+        self.dispatcher = Dispatcher(store, clock, self.config, self.metrics)
+        store.observe_commits(self.metrics.observe_commit)
+        self.metrics.watch_sessions(
+            lambda: [(s.capacity, len(s.held)) for s in self.dispatcher.sessions]
+        )
         self._known_types: set[str] = set()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._runner: asyncio.Task[None] | None = None
@@ -214,7 +226,10 @@ class Engine:
         """Act on waits that became satisfied: re-queue or tell the worker holding the flow."""
         for item in satisfied:
             if item.entry.kind is EntryKind.TIMER:
-                log.debug("timer %s of flow %s fired", item.entry.key, item.flow_id)
+                self.metrics.timers_fired.inc()
+                if item.fire_at is not None:
+                    late_ms = max(0, item.entry.recorded_at - item.fire_at)
+                    self.metrics.timer_lateness.observe(late_ms / 1000)
             if item.status is FlowStatus.PENDING:
                 self.dispatcher.wake()
             elif item.status is FlowStatus.RUNNING:
@@ -365,6 +380,7 @@ class Engine:
         else:
             self.dispatcher.revoke(flow_id, "CANCELLED")
             self._notify(flow_id)
+            self.metrics.flows_finished.labels("cancelled").inc()
             log.info("flow %s cancelled", flow_id, extra={"flow_id": flow_id})
         self._satisfied(satisfied)
         return await self.get_flow(flow_id)
@@ -547,6 +563,10 @@ class Engine:
             return
         for event, outcome in zip(events, outcomes, strict=True):
             record = event.record
+            if outcome is WriteOutcome.OK:
+                self.metrics.steps.labels(record.status.value.lower()).inc()
+                if event.duration_ms:
+                    self.metrics.step_duration.observe(event.duration_ms / 1000)
             self._ack_fenced(session, event.seq, record.flow_id, record.lease_token, outcome)
 
     async def _finish_flows(self, session: Session, events: list[FlowFinishIn]) -> None:
@@ -562,6 +582,8 @@ class Engine:
             if outcome is WriteOutcome.OK:
                 self.dispatcher.forget(finish.flow_id, finish.lease_token)
                 self._notify(finish.flow_id)
+                ended = "retried" if finish.retry_delay_ms > 0 else finish.status.value.lower()
+                self.metrics.flows_finished.labels(ended).inc()
             self._ack_fenced(session, event.seq, finish.flow_id, finish.lease_token, outcome)
         self._satisfied(satisfied)
 

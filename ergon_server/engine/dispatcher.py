@@ -16,6 +16,7 @@ from ergon_server.clock import Clock
 from ergon_server.engine.config import EngineConfig
 from ergon_server.engine.sessions import AssignmentOut, RevokeOut, Session
 from ergon_server.errors import ErgonError
+from ergon_server.metrics import Metrics
 from ergon_server.model import ClaimedFlow, Lease
 from ergon_server.storage.base import Store
 from ergon_worker_sdk.tracing import Tracer
@@ -26,8 +27,9 @@ log = logging.getLogger(__name__)
 class Dispatcher:
     """Owns the live sessions of this server and the leases they hold here."""
 
-    def __init__(self, store: Store, clock: Clock, config: EngineConfig) -> None:
+    def __init__(self, store: Store, clock: Clock, config: EngineConfig, metrics: Metrics) -> None:
         self._store = store
+        self._metrics = metrics
         self._clock = clock
         self._config = config
         self._sessions: dict[str, Session] = {}
@@ -167,3 +169,7 @@ class Dispatcher:
                 session.assigned_total += 1
                 session.send(AssignmentOut(flow))
         self.dispatched_total += len(flows)
+        self._metrics.dispatched.inc(len(flows))
+        now = self._clock.now_ms()
+        for flow in flows:
+            self._metrics.dispatch_latency.observe(max(0, now - flow.ready_at) / 1000)

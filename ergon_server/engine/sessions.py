@@ -31,10 +31,11 @@ CODE_INTERNAL = 13
 
 @dataclass(frozen=True, slots=True)
 class StepResultIn:
-    """A worker reports a step attempt's outcome."""
+    """A worker reports a step attempt's outcome (and how long the attempt ran)."""
 
     seq: int
     record: StepRecord
+    duration_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -177,7 +177,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         kind = event.WhichOneof("event")
         limit = self._engine.config.max_payload_bytes
         if kind == "step_result":
-            return StepResultIn(event.seq, _step_record(event.step_result, limit))
+            step = event.step_result
+            return StepResultIn(event.seq, _step_record(step, limit), max(0, step.duration_ms))
         if kind == "flow_completed":
             done = event.flow_completed
             result = convert.payload_bytes(done.result, limit, "the flow result", check_json=False)

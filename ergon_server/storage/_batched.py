@@ -27,6 +27,7 @@ import collections
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
@@ -521,7 +522,12 @@ class Sim:
         elif state.status == "RUNNING" and wake:
             self.on_wakeup(flow_id, state.lease_token, key)
         return Satisfied(
-            flow_id, record, FlowStatus(state.status), state.lease_token, state.lease_owner
+            flow_id,
+            record,
+            FlowStatus(state.status),
+            state.lease_token,
+            state.lease_owner,
+            fire_at=wait.fire_at,
         )
 
     def end_now(
@@ -1234,6 +1240,11 @@ class BatchedStore:
         self._committer: asyncio.Task[None] | None = None
         self._accepting = False
         self._lifecycle = asyncio.Lock()
+        self._commit_observer: Callable[[float, int], None] | None = None
+
+    def observe_commits(self, observer: Callable[[float, int], None]) -> None:
+        """Report each group commit: its duration in seconds and how many writes it held."""
+        self._commit_observer = observer
 
     # --- life cycle ---
 
@@ -1307,8 +1318,11 @@ class BatchedStore:
             raise
 
     async def _commit(self, batch: list[AnyCommand]) -> None:
+        started = time.perf_counter()
         try:
             await self._run(batch)
+            if self._commit_observer is not None:
+                self._commit_observer(time.perf_counter() - started, len(batch))
         except ErgonError as error:
             if len(batch) == 1 or isinstance(error, StoreUnavailableError):
                 for command in batch:

@@ -246,6 +246,17 @@ class Store(Protocol):
         """One journal entry of a flow, or None."""
         ...
 
+    async def count_flows(self) -> dict[tuple[FlowStatus, str], int]:
+        """How many flows there are, by status and flow type (for metrics; may scan)."""
+        ...
+
+    def observe_commits(self, observer: Callable[[float, int], None]) -> None:
+        """Report each commit's duration in seconds and how many writes it held.
+
+        Stores without commits (memory) never call the observer.
+        """
+        ...
+
     async def subscribe(self, listener: Callable[[StoreEvent], None]) -> None:
         """Deliver hints of changes made through this store's database by any process.
 

@@ -337,6 +337,18 @@ class MemoryStore:
         """Never calls the listener: only one process uses a memory store."""
         self._check_open()
 
+    def observe_commits(self, observer: Callable[[float, int], None]) -> None:
+        """Never reports: a memory store has no commits."""
+
+    async def count_flows(self) -> dict[tuple[FlowStatus, str], int]:
+        """How many flows there are, by status and flow type."""
+        self._check_open()
+        counts: dict[tuple[FlowStatus, str], int] = {}
+        for flow in self._flows.values():
+            key = (flow.status, flow.flow_type)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
     async def claim_flows(
         self,
         session_id: str,
@@ -376,6 +388,7 @@ class MemoryStore:
                     attempt=flow.attempt,
                     retry_policy=flow.retry_policy,
                     journal=flow.history(),
+                    ready_at=flow.ready_at,
                 )
             )
         return claimed
@@ -460,7 +473,12 @@ class MemoryStore:
             flow.updated_at = now_ms
             flow.clear_lease()
         return Satisfied(
-            flow.flow_id, entry.record(), flow.status, flow.lease_token, flow.lease_owner
+            flow.flow_id,
+            entry.record(),
+            flow.status,
+            flow.lease_token,
+            flow.lease_owner,
+            fire_at=wait.fire_at,
         )
 
     def _end(

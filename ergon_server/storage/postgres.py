@@ -1031,6 +1031,7 @@ class _ClaimFlows(Command[list[ClaimedFlow]]):
                 attempt=row[6],
                 retry_policy=policy_from_json(row[7]),
                 journal=journals[row[2]],
+                ready_at=row[0],
             )
             for row in claimed
         ]
@@ -1804,6 +1805,13 @@ class PostgresStore(BatchedStore):
             key,
         )
         return journal_from_row(rows[0]) if rows else None
+
+    async def count_flows(self) -> dict[tuple[FlowStatus, str], int]:
+        """How many flows there are, by status and flow type (a full scan: call sparingly)."""
+        rows = await self._read(
+            "SELECT status, flow_type, COUNT(*) FROM flows GROUP BY status, flow_type"
+        )
+        return {(FlowStatus(row[0]), row[1]): row[2] for row in rows}
 
     async def next_ready_at(self, flow_types: Sequence[str]) -> int | None:
         """The earliest ready_at among PENDING flows of these types, or None."""

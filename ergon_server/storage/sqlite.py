@@ -777,6 +777,7 @@ class _ClaimFlows(Command[list[ClaimedFlow]]):
                 attempt=row[6],
                 retry_policy=policy_from_json(row[7]),
                 journal=journals[row[2]],
+                ready_at=row[0],
             )
             for row in claimed
         ]
@@ -1369,6 +1370,13 @@ class SqliteStore(BatchedStore):
             (flow_id, key),
         )
         return journal_from_row(rows[0]) if rows else None
+
+    async def count_flows(self) -> dict[tuple[FlowStatus, str], int]:
+        """How many flows there are, by status and flow type (a full scan: call sparingly)."""
+        rows = await self._read(
+            "SELECT status, flow_type, COUNT(*) FROM flows GROUP BY status, flow_type", ()
+        )
+        return {(FlowStatus(row[0]), row[1]): row[2] for row in rows}
 
     async def subscribe(self, listener: Callable[[StoreEvent], None]) -> None:
         """Never calls the listener: one server process owns a SQLite file."""

@@ -324,6 +324,7 @@ async def test_claim_leases_the_flow(store: Store) -> None:
         attempt=1,
         retry_policy=policy,
         journal=[],
+        ready_at=T0,
     )
     record = await store.get_flow("f1")
     assert record is not None
@@ -1380,3 +1381,12 @@ async def test_get_entry_returns_one_journal_entry(store: Store) -> None:
     assert await store.get_entry("entry-flow", "b#1") is None
     assert await store.get_entry("no-flow", "a#1") is None
     await store.subscribe(lambda event: None)
+
+
+async def test_count_flows_by_status_and_type(store: Store) -> None:
+    await store.schedule_flows([flow("c1"), flow("c2"), flow("c3", "other")], T0)
+    await store.claim_flows("s", ["other"], 1, T0 + TTL, T0)
+    assert await store.count_flows() == {
+        (FlowStatus.PENDING, "orders"): 2,
+        (FlowStatus.RUNNING, "other"): 1,
+    }

@@ -266,6 +266,7 @@ class StepResult(_message.Message):
     FAILURE_FIELD_NUMBER: _builtins.int
     RETRYING_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    DURATION_MS_FIELD_NUMBER: _builtins.int
     flow_id: _builtins.str
     lease_token: _builtins.int
     key: _builtins.str
@@ -274,6 +275,8 @@ class StepResult(_message.Message):
     attempts: _builtins.int
     """Attempts made so far, this one included."""
     kind: _common_pb2.EntryKind.ValueType
+    duration_ms: _builtins.int
+    """How long this attempt's body ran, for the server's metrics."""
     @_builtins.property
     def result(self) -> _common_pb2.Payload:
         """The step succeeded: recorded once, replayed forever."""
@@ -298,10 +301,11 @@ class StepResult(_message.Message):
         failure: _common_pb2.Failure | None = ...,
         retrying: _common_pb2.Failure | None = ...,
         kind: _common_pb2.EntryKind.ValueType = ...,
+        duration_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure", "outcome", b"outcome", "result", b"result", "retrying", b"retrying"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args_hash", b"args_hash", "attempts", b"attempts", "failure", b"failure", "flow_id", b"flow_id", "key", b"key", "kind", b"kind", "lease_token", b"lease_token", "outcome", b"outcome", "result", b"result", "retrying", b"retrying"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args_hash", b"args_hash", "attempts", b"attempts", "duration_ms", b"duration_ms", "failure", b"failure", "flow_id", b"flow_id", "key", b"key", "kind", b"kind", "lease_token", b"lease_token", "outcome", b"outcome", "result", b"result", "retrying", b"retrying"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "failure", "retrying"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
