@@ -48,6 +48,7 @@ from ergon_server.model import (
     Park,
     RetryPolicy,
     Satisfied,
+    ScheduleOutcome,
     ScheduleResult,
     SignalResult,
     StepRecord,
@@ -196,6 +197,55 @@ def journal_from_row(row: _Row, offset: int = 0) -> JournalRecord:
 def unique(values: Iterable[str]) -> list[str]:
     """The values without repeats, in first-seen order."""
     return list(dict.fromkeys(values))
+
+
+@dataclasses.dataclass
+class SchedulePlan:
+    """What scheduling a batch decided: answers in order, and the rows to insert."""
+
+    results: list[ScheduleResult]
+    # (flow, now_ms, ready_at) of each flow to create, in scheduling order.
+    created: list[tuple[NewFlow, int, int]]
+    # (request_id, flow_id) pairs to remember.
+    requests: list[tuple[str, str]]
+
+
+def plan_schedule(
+    items: Sequence[tuple[NewFlow, int]],
+    existing: dict[str, tuple[str, bytes]],
+    requests: dict[str, str],
+) -> SchedulePlan:
+    """Decide each schedule in order, as if sequential: duplicates in the batch see each other.
+
+    `existing` maps the flow ids already stored to (flow_type, input); `requests` the request
+    ids already seen to their flow ids. Both are updated with what the plan creates.
+    """
+    plan = SchedulePlan([], [], [])
+    for flow, now_ms in items:
+        if flow.request_id and flow.request_id in requests:
+            plan.results.append(ScheduleResult(requests[flow.request_id], ScheduleOutcome.EXISTING))
+            continue
+        known = existing.get(flow.flow_id)
+        if known is None:
+            outcome = ScheduleOutcome.CREATED
+            existing[flow.flow_id] = (flow.flow_type, flow.input)
+            ready_at = flow.start_at if flow.start_at is not None else now_ms
+            plan.created.append((flow, now_ms, ready_at))
+        elif known == (flow.flow_type, flow.input):
+            outcome = ScheduleOutcome.EXISTING
+        else:
+            plan.results.append(ScheduleResult(flow.flow_id, ScheduleOutcome.CONFLICT))
+            continue
+        if flow.request_id:
+            requests[flow.request_id] = flow.flow_id
+            plan.requests.append((flow.request_id, flow.flow_id))
+        plan.results.append(ScheduleResult(flow.flow_id, outcome))
+    return plan
+
+
+def labels_json(labels: dict[str, str]) -> str:
+    """Labels as stored: compact JSON."""
+    return json.dumps(labels, separators=(",", ":"))
 
 
 def fresh(error: ErgonError) -> ErgonError:

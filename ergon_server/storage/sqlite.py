@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
@@ -92,6 +91,8 @@ from ergon_server.storage._batched import (
     flow_from_row,
     flow_resources,
     journal_from_row,
+    labels_json,
+    plan_schedule,
     plan_stages,
     policy_from_json,
     policy_to_json,
@@ -432,41 +433,23 @@ async def _schedule(
                 request_ids,
             )
         }
-    new_flows: list[tuple[object, ...]] = []
-    new_requests: list[tuple[str, str]] = []
-    results: list[ScheduleResult] = []
-    for flow, now_ms in items:
-        if flow.request_id and flow.request_id in requests:
-            results.append(ScheduleResult(requests[flow.request_id], ScheduleOutcome.EXISTING))
-            continue
-        known = existing.get(flow.flow_id)
-        if known is None:
-            outcome = ScheduleOutcome.CREATED
-            existing[flow.flow_id] = (flow.flow_type, flow.input)
-            ready_at = flow.start_at if flow.start_at is not None else now_ms
-            new_flows.append(
-                (
-                    flow.flow_id,
-                    flow.flow_type,
-                    flow.input,
-                    json.dumps(flow.labels, separators=(",", ":")),
-                    policy_to_json(flow.retry_policy),
-                    now_ms,
-                    now_ms,
-                    ready_at,
-                    flow.parent_flow_id or None,
-                    flow.parent_key or None,
-                )
-            )
-        elif known == (flow.flow_type, flow.input):
-            outcome = ScheduleOutcome.EXISTING
-        else:
-            results.append(ScheduleResult(flow.flow_id, ScheduleOutcome.CONFLICT))
-            continue
-        if flow.request_id:
-            requests[flow.request_id] = flow.flow_id
-            new_requests.append((flow.request_id, flow.flow_id))
-        results.append(ScheduleResult(flow.flow_id, outcome))
+    plan = plan_schedule(items, existing, requests)
+    new_flows = [
+        (
+            flow.flow_id,
+            flow.flow_type,
+            flow.input,
+            labels_json(flow.labels),
+            policy_to_json(flow.retry_policy),
+            now_ms,
+            now_ms,
+            ready_at,
+            flow.parent_flow_id or None,
+            flow.parent_key or None,
+        )
+        for flow, now_ms, ready_at in plan.created
+    ]
+    new_requests, results = plan.requests, plan.results
     if new_flows:
         await conn.executemany(
             "INSERT INTO flows (flow_id, flow_type, status, input, attempt, labels, "
