@@ -107,7 +107,7 @@ def parse_args(
         "--max-streams-per-client",
         type=int,
         default=int(_env(env, "MAX_STREAMS_PER_CLIENT", str(defaults.max_streams_per_client))),
-        help="most worker streams one client (token, or peer address) may hold open",
+        help="most worker streams one client (token, or connection) may hold open",
     )
     parser.add_argument(
         "--allow-unregistered-flow-types",

@@ -15,25 +15,23 @@ from ergon_server.clock import Clock, SystemClock
 from ergon_server.config import ServerConfig
 from ergon_server.engine import Engine
 from ergon_server.rpc.scheduler import SchedulerServicer, SignalServicer
+from ergon_server.rpc.status import service_handler
 from ergon_server.rpc.worker import WorkerServicer
 from ergon_server.storage import create_store
 from ergon_server.storage.base import Store
-from ergon_worker_sdk.proto.ergon.v1 import (
-    scheduler_pb2,
-    scheduler_pb2_grpc,
-    signal_pb2,
-    signal_pb2_grpc,
-    worker_pb2,
-    worker_pb2_grpc,
-)
+from ergon_worker_sdk.proto.ergon.v1 import scheduler_pb2, signal_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (
-    scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
-    signal_pb2.DESCRIPTOR.services_by_name["SignalService"].full_name,
-    worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
-)
+_SERVICES = {
+    service.full_name: service
+    for service in (
+        scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"],
+        signal_pb2.DESCRIPTOR.services_by_name["SignalService"],
+        worker_pb2.DESCRIPTOR.services_by_name["WorkerService"],
+    )
+}
+SERVICE_NAMES = tuple(_SERVICES)
 
 
 def _redacted(url: str) -> str:
@@ -84,11 +82,20 @@ class ErgonServer:
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
             ],
         )
-        scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
-            SchedulerServicer(self.engine), server
+        # Our own handlers, not the generated add_*_to_server: a request that does not parse
+        # gets INVALID_ARGUMENT (MALFORMED_REQUEST), not the UNKNOWN gRPC gives a raising
+        # deserializer.
+        servicers = (
+            SchedulerServicer(self.engine),
+            SignalServicer(self.engine),
+            WorkerServicer(self.engine),
         )
-        signal_pb2_grpc.add_SignalServiceServicer_to_server(SignalServicer(self.engine), server)
-        worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(self.engine), server)
+        server.add_generic_rpc_handlers(
+            tuple(
+                service_handler(_SERVICES[name], servicer)
+                for name, servicer in zip(SERVICE_NAMES, servicers, strict=True)
+            )
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

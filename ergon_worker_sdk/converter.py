@@ -1,4 +1,4 @@
-"""Values <-> payloads. JSON by default (dataclasses, primitives, lists, dicts); pluggable.
+"""Values <-> payloads. JSON by default (dataclasses, primitives, lists, sets, dicts); pluggable.
 
 Decoding takes a type hint, so a dataclass recorded as a JSON object comes back as that
 dataclass on replay. The SDK always hands the flow the *decoded* value, on the first run as on
@@ -48,6 +48,11 @@ def to_jsonable(value: Any) -> Any:
         return to_jsonable(value.value)
     if isinstance(value, list | tuple):
         return [to_jsonable(v) for v in value]
+    if isinstance(value, set | frozenset):
+        # A list in a stable order (set order of strings changes between processes, and the
+        # args hash of a step must not).
+        items = [to_jsonable(v) for v in value]
+        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for key, item in value.items():

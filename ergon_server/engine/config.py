@@ -24,8 +24,8 @@ class EngineConfig:
         park_initial_delay_ms: First retry delay of a flow parked for a history mismatch;
             it doubles at each park.
         park_max_delay_ms: The cap on that delay.
-        max_streams_per_client: Most worker streams one client (bearer token, or else peer
-            address) may hold open at once; more are refused with RESOURCE_EXHAUSTED.
+        max_streams_per_client: Most worker streams one client (bearer token, or else
+            connection) may hold open at once; more are refused with RESOURCE_EXHAUSTED.
     """
 
     lease_ttl_ms: int = 15_000

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import json_format, timestamp_pb2
 
 from ergon_server.errors import InvalidArgumentError, ResourceExhaustedError
 from ergon_server.model import (
@@ -22,6 +23,14 @@ from ergon_worker_sdk.proto.ergon.v1 import common_pb2, scheduler_pb2, worker_pb
 
 ENCODINGS = frozenset({"", "json/plain", "binary/plain", "binary/null", "python/pickle"})
 JSON_ENCODINGS = frozenset({"", "json/plain"})
+# The last instant a protobuf Timestamp can hold (9999-12-31T23:59:59.999Z), in epoch ms:
+# the latest time the server stores (start times, timers, retries).
+MAX_TIME_MS = 253_402_300_799_999
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
 
 FLOW_STATUS_TO_PROTO = {
     FlowStatus.PENDING: common_pb2.FLOW_STATUS_PENDING,
@@ -75,10 +84,18 @@ def payload_bytes(
         )
     if check_json and body == "data" and payload.encoding in JSON_ENCODINGS:
         try:
-            json.loads(payload.data)
+            json.loads(payload.data, parse_constant=_no_constant)
         except (UnicodeDecodeError, ValueError) as error:
             raise InvalidArgumentError(
                 f"{what} is not valid JSON: {error}", "MALFORMED_PAYLOAD"
+            ) from None
+    if body == "json":
+        try:
+            # Refuses what JSON cannot carry: NaN and infinite numbers, a Value of no kind.
+            json_format.MessageToJson(payload.json)
+        except (ValueError, json_format.Error) as error:
+            raise InvalidArgumentError(
+                f"{what} is not valid inline JSON: {error}", "MALFORMED_PAYLOAD"
             ) from None
     return payload.SerializeToString()
 
@@ -94,6 +111,8 @@ def retry_policy_from_proto(policy: common_pb2.RetryPolicy) -> RetryPolicy:
     """A domain retry policy, validated."""
     if policy.max_attempts < 0 or policy.initial_delay_ms < 0 or policy.max_delay_ms < 0:
         raise InvalidArgumentError("retry policy values must not be negative", "INVALID_RETRY")
+    if not math.isfinite(policy.backoff_multiplier):
+        raise InvalidArgumentError("backoff_multiplier must be a finite number", "INVALID_RETRY")
     if policy.backoff_multiplier and policy.backoff_multiplier < 1.0:
         raise InvalidArgumentError("backoff_multiplier must be at least 1.0", "INVALID_RETRY")
     return RetryPolicy(
@@ -138,6 +157,17 @@ def failure_to_proto(failure: Failure) -> common_pb2.Failure:
     )
 
 
+def _start_at(request: scheduler_pb2.ScheduleFlowRequest) -> int | None:
+    if not request.HasField("start_at"):
+        return None
+    try:
+        return request.start_at.ToMilliseconds()
+    except ValueError as error:
+        raise InvalidArgumentError(
+            f"start_at is not a valid timestamp: {error}", "INVALID_TIMESTAMP"
+        ) from None
+
+
 def new_flow_from_proto(request: scheduler_pb2.ScheduleFlowRequest, max_bytes: int) -> NewFlow:
     """A flow to schedule, validated."""
     labels = dict(request.labels)
@@ -149,7 +179,7 @@ def new_flow_from_proto(request: scheduler_pb2.ScheduleFlowRequest, max_bytes: i
         flow_type=request.flow_type,
         input=payload_bytes(request.input, max_bytes, "the flow input"),
         request_id=request.request_id,
-        start_at=request.start_at.ToMilliseconds() if request.HasField("start_at") else None,
+        start_at=_start_at(request),
         retry_policy=(
             retry_policy_from_proto(request.retry_policy)
             if request.HasField("retry_policy")

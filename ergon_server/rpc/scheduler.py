@@ -24,18 +24,18 @@ log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 MAX_BATCH = 1000
+MAX_CURSOR = 2**63 - 1
 
 
 def _page_cursor(token: str) -> int | None:
     if not token:
         return None
-    try:
-        cursor = int(token)
-    except ValueError:
-        raise InvalidArgumentError(f"page_token {token!r} is not one this server gave") from None
-    if cursor < 0:
-        raise InvalidArgumentError(f"page_token {token!r} is not one this server gave")
-    return cursor
+    # Tokens are decimal cursors that fit a signed 64-bit integer (the stores' row ids).
+    if not (token.isascii() and token.isdigit() and len(token) <= 19) or int(token) > MAX_CURSOR:
+        raise InvalidArgumentError(
+            f"page_token {token[:64]!r} is not one this server gave", "INVALID_PAGE_TOKEN"
+        )
+    return int(token)
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):

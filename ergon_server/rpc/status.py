@@ -5,20 +5,24 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, message, message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from ergon_server.errors import (
     ErgonError,
+    InvalidArgumentError,
 )
 
 log = logging.getLogger(__name__)
 
 DOMAIN = "ergon"
+MAX_MESSAGE_CHARS = 1024
 
 
 def code_for(error: ErgonError) -> grpc.StatusCode:
@@ -30,7 +34,14 @@ def code_for(error: ErgonError) -> grpc.StatusCode:
 
 
 def rich_status(code: grpc.StatusCode, message: str, reason: str) -> grpc.Status:
-    """A status whose details carry `ErrorInfo(domain="ergon", reason=...)`."""
+    """A status whose details carry `ErrorInfo(domain="ergon", reason=...)`.
+
+    The message travels twice in trailing metadata (grpc-message and the details), which
+    clients cap at 16 KiB in all: a longer one (one echoing a huge input) is cut, or the client
+    would see RESOURCE_EXHAUSTED instead of this status.
+    """
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + "... (cut)"
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
     status: grpc.Status = rpc_status.to_status(
@@ -64,6 +75,62 @@ async def _fail(
     await abort(context, ErgonError(f"internal error in {method}; see the server log"))
 
 
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """A request whose bytes do not parse as its message (invalid UTF-8, truncated, ...).
+
+    gRPC answers a deserializer that raises with UNKNOWN; ours returns this instead, so the
+    handler can answer INVALID_ARGUMENT with reason MALFORMED_REQUEST.
+    """
+
+    message_type: str
+    error: str
+
+    def as_error(self) -> InvalidArgumentError:
+        """The refusal of this request."""
+        return InvalidArgumentError(
+            f"the request is not a valid {self.message_type} message: {self.error}",
+            "MALFORMED_REQUEST",
+        )
+
+
+def _tolerant(cls: type[message.Message]) -> Callable[[bytes], message.Message | Undecodable]:
+    def deserialize(data: bytes) -> message.Message | Undecodable:
+        try:
+            return cls.FromString(data)
+        except message.DecodeError as error:
+            return Undecodable(cls.DESCRIPTOR.full_name, str(error) or "does not parse")
+
+    return deserialize
+
+
+def service_handler(service: ServiceDescriptor, servicer: object) -> grpc.GenericRpcHandler:
+    """The handler of a service whose undecodable requests reach the servicer as `Undecodable`.
+
+    Used instead of the generated `add_*_to_server`, whose deserializers raise (UNKNOWN).
+    """
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in service.methods:
+        request = message_factory.GetMessageClass(method.input_type)
+        response = message_factory.GetMessageClass(method.output_type)
+        behaviour = getattr(servicer, method.name)
+        if method.client_streaming and method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                behaviour,
+                request_deserializer=_tolerant(request),
+                response_serializer=response.SerializeToString,
+            )
+        elif not method.client_streaming and not method.server_streaming:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                behaviour,
+                request_deserializer=_tolerant(request),
+                response_serializer=response.SerializeToString,
+            )
+        else:  # pragma: no cover - ergon.v1 has no such method
+            raise TypeError(f"{method.full_name}: half-streaming methods are not supported")
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Servicer = TypeVar("Servicer")
@@ -78,6 +145,8 @@ def unary(method: Unary[Servicer, Request, Response]) -> Unary[Servicer, Request
         self: Servicer, request: Request, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Response:
         try:
+            if isinstance(request, Undecodable):
+                raise request.as_error()
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise

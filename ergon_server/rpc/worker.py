@@ -33,7 +33,12 @@ from ergon_server.engine.sessions import (
     WakeupOut,
     WorkerEventIn,
 )
-from ergon_server.errors import ErgonError, InvalidArgumentError, ResourceExhaustedError
+from ergon_server.errors import (
+    ErgonError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
 from ergon_server.model import (
     EntryKind,
     EntryStatus,
@@ -48,13 +53,41 @@ from ergon_server.model import (
     WaitRequest,
 )
 from ergon_server.rpc import convert
-from ergon_server.rpc.status import code_for, stream
+from ergon_server.rpc.status import Undecodable, code_for, stream
 from ergon_worker_sdk.proto.ergon.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 REGISTER_TIMEOUT_S = 30.0
+# Lease tokens are stored as signed 64-bit integers: a larger one was never given out.
+MAX_LEASE_TOKEN = 2**63 - 1
+MAX_KEY_LENGTH = 512
+Requests = AsyncIterator[worker_pb2.ConnectRequest | Undecodable]
+
+
+def _check_lease(flow_id: str, lease_token: int) -> int:
+    """Refuse a lease token no server gives (over 2**63 - 1) as a lost lease."""
+    if lease_token > MAX_LEASE_TOKEN:
+        raise FailedPreconditionError(
+            f"lease_token {lease_token} on flow {flow_id!r} is not one this server gave",
+            "LEASE_LOST",
+        )
+    return lease_token
+
+
+def _check_key(key: str, what: str) -> None:
+    if not key or key.startswith("$") or len(key) > MAX_KEY_LENGTH:
+        raise InvalidArgumentError(
+            f"{what} needs a journal key of at most {MAX_KEY_LENGTH} characters, "
+            "not starting with '$'",
+            "INVALID_ID",
+        )
+
+
+def _check_delay(delay_ms: int, what: str, reason: str, now_ms: int) -> None:
+    if delay_ms > convert.MAX_TIME_MS - now_ms:
+        raise InvalidArgumentError(f"{what} of {delay_ms} ms ends after the year 9999", reason)
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -85,7 +118,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     @stream
     async def Connect(
-        self, request_iterator: AsyncIterator[worker_pb2.ConnectRequest], context: Context
+        self, request_iterator: Requests, context: Context
     ) -> AsyncIterator[worker_pb2.ConnectResponse]:
         """Register, then exchange events until either side closes."""
         with self._admitted(context):
@@ -93,7 +126,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 yield response
 
     async def _connect(
-        self, request_iterator: AsyncIterator[worker_pb2.ConnectRequest], context: Context
+        self, request_iterator: Requests, context: Context
     ) -> AsyncIterator[worker_pb2.ConnectResponse]:
         requests = request_iterator.__aiter__()
         try:
@@ -103,6 +136,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             raise InvalidArgumentError(
                 "a worker stream must start with a register event", "REGISTER_FIRST"
             ) from None
+        if isinstance(first, Undecodable):
+            raise first.as_error()
         if not first.events or first.events[0].WhichOneof("event") != "register":
             raise InvalidArgumentError(
                 "a worker stream must start with a register event", "REGISTER_FIRST"
@@ -113,7 +148,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             list(register.flow_types),
             register.capacity,
             register.protocol_version,
-            [Lease(h.flow_id, h.lease_token) for h in register.held_leases],
+            # A token no server gave cannot be re-attached: that lease is simply lost.
+            [
+                Lease(h.flow_id, h.lease_token)
+                for h in register.held_leases
+                if h.lease_token <= MAX_LEASE_TOKEN
+            ],
             peer=context.peer() or "",
         )
         try:
@@ -131,6 +171,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             try:
                 while batch := await session.next_batch():
                     yield worker_pb2.ConnectResponse(events=[_server_event(e) for e in batch])
+                if reader.done() and (refusal := reader.result()) is not None:
+                    raise refusal
             finally:
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -138,12 +180,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         finally:
             self._engine.close_session(session)
 
-    async def _read(
-        self, session: Session, requests: AsyncIterator[worker_pb2.ConnectRequest]
-    ) -> None:
+    async def _read(self, session: Session, requests: Requests) -> ErgonError | None:
+        """Handle the worker's messages; returns the refusal that ends the stream, if any."""
         handlers: set[asyncio.Task[None]] = set()
         try:
             async for request in requests:
+                if isinstance(request, Undecodable):
+                    # No seq to answer: the stream ends with the refusal (leases stay until
+                    # the worker reconnects or they expire).
+                    log.info("worker %s sent an undecodable message", session.worker_id)
+                    return request.as_error()
                 # Handled concurrently, so the next message's events join the same group commit.
                 task = asyncio.create_task(self._handle(session, list(request.events)))
                 handlers.add(task)
@@ -154,6 +200,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             if handlers:
                 await asyncio.gather(*handlers, return_exceptions=True)
             session.close()
+        return None
 
     async def _handle(self, session: Session, events: list[worker_pb2.WorkerEvent]) -> None:
         parsed: list[WorkerEventIn] = []
@@ -181,11 +228,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             return StepResultIn(event.seq, _step_record(step, limit), max(0, step.duration_ms))
         if kind == "flow_completed":
             done = event.flow_completed
+            _check_lease(done.flow_id, done.lease_token)
             result = convert.payload_bytes(done.result, limit, "the flow result", check_json=False)
             finish = FlowFinish(done.flow_id, done.lease_token, FlowStatus.COMPLETED, result=result)
             return FlowFinishIn(event.seq, finish)
         if kind == "flow_failed":
             failed = event.flow_failed
+            _check_lease(failed.flow_id, failed.lease_token)
+            _check_delay(
+                failed.retry_delay_ms, "a retry delay", "INVALID_RETRY", self._engine.clock.now_ms()
+            )
             finish = FlowFinish(
                 failed.flow_id,
                 failed.lease_token,
@@ -195,6 +247,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
             return FlowFinishIn(event.seq, finish)
         if kind == "release":
+            _check_lease(event.release.flow_id, event.release.lease_token)
             return ReleaseIn(event.seq, Lease(event.release.flow_id, event.release.lease_token))
         if kind == "heartbeat":
             return HeartbeatIn(event.seq)
@@ -204,6 +257,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             return WaitIn(event.seq, self._wait_request(event.wait))
         if kind == "suspend":
             suspend = event.suspend
+            _check_lease(suspend.flow_id, suspend.lease_token)
             if not suspend.open_keys:
                 raise InvalidArgumentError("a suspend names the waits it waits for", "NO_WAITS")
             request = SuspendRequest(
@@ -212,6 +266,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             return SuspendIn(event.seq, request)
         if kind == "park":
             park = event.park
+            _check_lease(park.flow_id, park.lease_token)
             failure = convert.failure_from_proto(park.failure)
             return ParkIn(event.seq, Park(park.flow_id, park.lease_token, failure))
         if kind == "register":
@@ -221,17 +276,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         raise InvalidArgumentError("an empty or unknown worker event", "UNKNOWN_EVENT")
 
     def _wait_request(self, wait: worker_pb2.WaitRequest) -> WaitRequest:
-        if not wait.key or wait.key.startswith("$") or len(wait.key) > 512:
-            raise InvalidArgumentError(
-                "a wait needs a journal key of at most 512 characters, not starting with '$'",
-                "INVALID_ID",
-            )
+        _check_lease(wait.flow_id, wait.lease_token)
+        _check_key(wait.key, "a wait")
         base = functools.partial(WaitRequest, wait.flow_id, wait.lease_token, wait.key)
         kind = wait.WhichOneof("wait")
         if kind == "timer":
             if wait.timer.fire_in_ms < 0:
                 raise InvalidArgumentError("a timer cannot fire in the past", "INVALID_TIMER")
-            fire_at = self._engine.clock.now_ms() + wait.timer.fire_in_ms
+            now = self._engine.clock.now_ms()
+            _check_delay(wait.timer.fire_in_ms, "a timer", "INVALID_TIMER", now)
+            fire_at = now + wait.timer.fire_in_ms
             return base(kind=EntryKind.TIMER, fire_at=fire_at)
         if kind == "signal":
             if not wait.signal.name:
@@ -254,19 +308,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
 
 def _client_of(context: Context) -> str:
-    """Who a call comes from: its bearer token when it has one, else its peer's host."""
+    """Who a call comes from: its bearer token when it has one, else its connection."""
     for key, value in context.invocation_metadata() or ():
         if key == "authorization" and isinstance(value, str):
             return "token:" + hashlib.sha256(value.encode()).hexdigest()
-    peer = context.peer() or ""
-    return "peer:" + peer.rsplit(":", 1)[0]
+    return "peer:" + (context.peer() or "")
 
 
 def _step_record(result: worker_pb2.StepResult, limit: int) -> StepRecord:
     outcome = result.WhichOneof("outcome")
+    if result.kind and result.kind not in convert.ENTRY_KIND_FROM_PROTO:
+        raise InvalidArgumentError(f"unknown entry kind {result.kind}", "INVALID_KIND")
     kind = convert.ENTRY_KIND_FROM_PROTO.get(result.kind, EntryKind.STEP)
-    if not result.key:
-        raise InvalidArgumentError("a step result needs its key", "INVALID_ID")
+    _check_lease(result.flow_id, result.lease_token)
+    _check_key(result.key, "a step result")
     status: EntryStatus
     data: bytes | None = None
     failure: Failure | None = None
