@@ -52,6 +52,11 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InvalidArgumentError("--tls-cert and --tls-key go together")
+        if self.max_message_bytes <= self.engine.max_payload_bytes:
+            raise InvalidArgumentError(
+                f"--max-message-bytes ({self.max_message_bytes}) must exceed "
+                f"--max-payload-bytes ({self.engine.max_payload_bytes})"
+            )
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise InvalidArgumentError("--tls-client-ca (mutual TLS) needs --tls-cert/--tls-key")
 
@@ -104,6 +109,18 @@ def parse_args(
         help="largest input, result or signal payload accepted",
     )
     parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=int(_env(env, "MAX_MESSAGE_BYTES", str(16 * 1024 * 1024))),
+        help="largest gRPC message accepted or sent (keep it above --max-payload-bytes)",
+    )
+    parser.add_argument(
+        "--max-page-size",
+        type=int,
+        default=int(_env(env, "MAX_PAGE_SIZE", str(defaults.max_page_size))),
+        help="most flows or journal entries in one page of a listing",
+    )
+    parser.add_argument(
         "--max-streams-per-client",
         type=int,
         default=int(_env(env, "MAX_STREAMS_PER_CLIENT", str(defaults.max_streams_per_client))),
@@ -154,6 +171,7 @@ def parse_args(
             heartbeat_interval_ms=int(args.heartbeat_interval * 1000),
             max_payload_bytes=args.max_payload_bytes,
             max_streams_per_client=args.max_streams_per_client,
+            max_page_size=args.max_page_size,
             allow_unregistered_flow_types=args.allow_unregistered_flow_types,
         )
     except ValueError as error:
@@ -165,6 +183,7 @@ def parse_args(
             sqlite_synchronous=args.sqlite_synchronous,
             log_level=args.log_level.upper(),
             log_format=args.log_format,
+            max_message_bytes=args.max_message_bytes,
             metrics_listen=args.metrics_listen,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,

@@ -24,6 +24,7 @@ class EngineConfig:
         park_initial_delay_ms: First retry delay of a flow parked for a history mismatch;
             it doubles at each park.
         park_max_delay_ms: The cap on that delay.
+        max_page_size: Most flows (or journal entries) one page of a listing holds.
         max_streams_per_client: Most worker streams one client (bearer token, or else
             connection) may hold open at once; more are refused with RESOURCE_EXHAUSTED.
     """
@@ -39,8 +40,11 @@ class EngineConfig:
     park_initial_delay_ms: int = 1_000
     park_max_delay_ms: int = 60_000
     max_streams_per_client: int = 200
+    max_page_size: int = 1000
 
     def __post_init__(self) -> None:
+        if self.max_page_size < 1:
+            raise ValueError("max_page_size must be at least 1")
         if self.max_streams_per_client < 1:
             raise ValueError("max_streams_per_client must be at least 1")
         if self.lease_ttl_ms <= 0 or self.heartbeat_interval_ms <= 0:

@@ -67,7 +67,6 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 MAX_ID_LENGTH = 256
-MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 
 
@@ -344,7 +343,7 @@ class Engine:
         """One page of flows; page_size 0 means the default."""
         if page_size < 0:
             raise InvalidArgumentError("page_size must not be negative", "INVALID_PAGE_SIZE")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = min(page_size or DEFAULT_PAGE_SIZE, self.config.max_page_size)
         return await self.store.list_flows(statuses, flow_type, size, cursor)
 
     async def get_history(
@@ -354,7 +353,7 @@ class Engine:
         await self.get_flow(flow_id)
         if page_size < 0:
             raise InvalidArgumentError("page_size must not be negative", "INVALID_PAGE_SIZE")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = min(page_size or DEFAULT_PAGE_SIZE, self.config.max_page_size)
         return await self.store.get_history(flow_id, after_sequence, size)
 
     async def cancel_flow(self, flow_id: str, reason: str) -> FlowRecord:

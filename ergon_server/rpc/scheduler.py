@@ -128,8 +128,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         """A page of the flow's journal."""
         after = _page_cursor(request.page_token) or 0
         entries = await self._engine.get_history(request.flow_id, after, request.page_size)
-        size = request.page_size or 100
-        last = entries[-1].sequence if entries and len(entries) >= min(size, 1000) else None
+        size = min(request.page_size or 100, self._engine.config.max_page_size)
+        last = entries[-1].sequence if entries and len(entries) >= size else None
         return scheduler_pb2.GetFlowHistoryResponse(
             entries=[convert.entry_to_proto(e) for e in entries],
             next_page_token="" if last is None else str(last),
