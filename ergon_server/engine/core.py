@@ -441,6 +441,7 @@ class Engine:
         await self.store.register_flow_types(types, now)
         self._known_types.update(types)
         session = Session(uuid.uuid4().hex, worker_id, types, capacity)
+        session.last_heard_ms = now
         reattached: list[str] = []
         if held:
             reattached = await self.store.reattach_leases(
@@ -474,6 +475,7 @@ class Engine:
 
     async def handle_worker_events(self, session: Session, events: Sequence[WorkerEventIn]) -> None:
         """Apply a message's worker events and queue their acks."""
+        session.last_heard_ms = self.clock.now_ms()
         steps = [e for e in events if isinstance(e, StepResultIn)]
         finishes = [e for e in events if isinstance(e, FlowFinishIn)]
         releases = [e for e in events if isinstance(e, ReleaseIn)]
