@@ -258,6 +258,15 @@ class Shipment:
         return await self.label(list(packed))
 
 
+def dump_tasks() -> None:
+    """SIGUSR1: print every task's stack, to see where a stuck worker waits."""
+    for task in asyncio.all_tasks():
+        print(f"--- {task.get_name()}: {task.get_coro()}", flush=True)
+        for frame in task.get_stack():
+            print(f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+    sys.stdout.flush()
+
+
 async def main() -> None:
     global EVENTS, STEP_DELAY, WORKER_ID
     parser = argparse.ArgumentParser()
@@ -278,6 +287,7 @@ async def main() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     async with Client(args.address.split(",")) as client:
         worker = Worker(client, args.worker_id, max_concurrency=args.capacity)
         await worker.register(
