@@ -198,11 +198,20 @@ class WorkerStream:
             held_leases=self._handler.held_leases(),
         )
         try:
-            await call.write(
-                worker_pb2.ConnectRequest(events=[worker_pb2.WorkerEvent(register=register)])
-            )
-            async with asyncio.timeout(REGISTER_TIMEOUT_S):
-                first = await call.read()
+            try:
+                # Bounded: over a black-holed connection neither the write nor the read ever
+                # completes, and the worker must give up on it and dial again.
+                async with asyncio.timeout(REGISTER_TIMEOUT_S):
+                    await call.write(
+                        worker_pb2.ConnectRequest(
+                            events=[worker_pb2.WorkerEvent(register=register)]
+                        )
+                    )
+                    first = await call.read()
+            except TimeoutError:
+                raise _StreamEnded(
+                    f"the server did not answer the registration within {REGISTER_TIMEOUT_S} s"
+                ) from None
             if (
                 not isinstance(first, worker_pb2.ConnectResponse)
                 or not first.events

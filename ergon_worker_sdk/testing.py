@@ -175,9 +175,11 @@ class ErgonTestEnvironment:
     async def _jump(self, target_ms: int) -> None:
         engine = self.server._server.engine
         ttl = engine.config.lease_ttl_ms
-        # Leases first, computed for the new time, so the jump cannot expire them.
+        # Leases first, computed for the new time, so the jump cannot expire them; and the
+        # sessions count as just heard from, so the dispatcher does not take them for dead.
         for session in engine.dispatcher.sessions:
             await engine.store.renew_leases(session.session_id, target_ms + ttl)
+            session.last_heard_ms = target_ms
         jump = target_ms - self.clock.now_ms()
         if jump > 0:
             self.clock.skip(jump)

@@ -462,7 +462,10 @@ class Engine:
         types = tuple(dict.fromkeys(flow_types))
         await self.store.register_flow_types(types, now)
         self._known_types.update(types)
-        session = Session(uuid.uuid4().hex, worker_id, types, capacity, connected_at=now, peer=peer)
+        session = Session(
+            uuid.uuid4().hex, worker_id, types, capacity, connected_at=now, peer=peer
+        )
+        session.last_heard_ms = now
         reattached: list[str] = []
         if held:
             reattached = await self.store.reattach_leases(
@@ -499,6 +502,7 @@ class Engine:
     async def handle_worker_events(self, session: Session, events: Sequence[WorkerEventIn]) -> None:
         """Apply a message's worker events and queue their acks."""
         self.activity += 1
+        session.last_heard_ms = self.clock.now_ms()
         steps = [e for e in events if isinstance(e, StepResultIn)]
         finishes = [e for e in events if isinstance(e, FlowFinishIn)]
         releases = [e for e in events if isinstance(e, ReleaseIn)]

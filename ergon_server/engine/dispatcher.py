@@ -112,7 +112,14 @@ class Dispatcher:
 
     async def _dispatch_pass(self) -> int:
         """Claim for sessions with free capacity; returns how long to sleep, in ms."""
-        eligible = [s for s in self._sessions.values() if s.free > 0]
+        # A session silent for a whole lease TTL is black-holed (its leases are expiring for
+        # that reason): handing it flows again would only cost them another TTL each.
+        silent_before = self._clock.now_ms() - self._config.lease_ttl_ms
+        eligible = [
+            s
+            for s in self._sessions.values()
+            if s.free > 0 and (s.last_heard_ms is None or s.last_heard_ms >= silent_before)
+        ]
         starved: list[Session] = []
         while eligible:
             eligible.sort(key=lambda s: s.load)

@@ -202,6 +202,8 @@ class Session:
         self.held: dict[str, int] = {}
         self.assigned_total = 0
         self.closed = False
+        # When the worker was last heard from (engine clock, ms); set by the engine.
+        self.last_heard_ms: int | None = None
         self._outbox: list[ServerEventOut] = []
         self._ready = asyncio.Event()
 

@@ -2,13 +2,16 @@
 
 Every step body appends `step-done FLOW_ID KEY WORKER_ID` to the events file when it finishes
 (and `step-start` when it begins), so the tests can count real executions across processes.
-SIGTERM shuts the worker down gracefully and prints `max_running=N completed=N`.
+SIGTERM shuts the worker down gracefully and prints `max_running=N completed=N`. The SDK's
+log (INFO and up) goes to the worker's output, so tests can see what it reported (lease lost,
+reconnects).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -21,6 +24,7 @@ from ergon_worker_sdk import (
     Client,
     RetryPolicy,
     Worker,
+    await_external_signal,
     current_context,
     flow,
     flow_type,
@@ -159,6 +163,70 @@ class Sleeper:
 
 @dataclass
 @flow_type
+class Signalled:
+    """A step, two signals on one mailbox (FIFO, each consumed once), a timer, a last step."""
+
+    n: int
+    nap: float = 0.0
+
+    @step
+    async def prepare(self) -> int:
+        record("step-start", "prepare")
+        await asyncio.sleep(STEP_DELAY)
+        record("step-done", "prepare")
+        return self.n
+
+    @step
+    async def finish(self, first: str, second: str) -> str:
+        record("step-start", "finish")
+        await asyncio.sleep(STEP_DELAY)
+        record("step-done", "finish")
+        return f"{first}+{second}"
+
+    @flow
+    async def run(self) -> str:
+        record("flow-start", "-")
+        n = await self.prepare()
+        first = await await_external_signal("go")
+        second = await await_external_signal("go")
+        if self.nap:
+            await schedule_timer(self.nap)
+        value = await self.finish(str(first), str(second))
+        record("flow-end", "-")
+        return f"{n}:{value}"
+
+
+@dataclass
+@flow_type
+class WhoRuns:
+    """Steps whose result names the worker that ran them: the journal shows whose was kept."""
+
+    n: int
+
+    @step
+    async def work(self) -> str:
+        record("step-start", "work")
+        await asyncio.sleep(STEP_DELAY)
+        record("step-done", "work")
+        return WORKER_ID
+
+    @step
+    async def after(self) -> str:
+        record("step-start", "after")
+        record("step-done", "after")
+        return WORKER_ID
+
+    @flow
+    async def run(self) -> str:
+        record("flow-start", "-")
+        first = await self.work()
+        second = await self.after()
+        record("flow-end", "-")
+        return f"{self.n}:{first}:{second}"
+
+
+@dataclass
+@flow_type
 class PackItem:
     item: str
 
@@ -190,6 +258,15 @@ class Shipment:
         return await self.label(list(packed))
 
 
+def dump_tasks() -> None:
+    """SIGUSR1: print every task's stack, to see where a stuck worker waits."""
+    for task in asyncio.all_tasks():
+        print(f"--- {task.get_name()}: {task.get_coro()}", flush=True)
+        for frame in task.get_stack():
+            print(f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+    sys.stdout.flush()
+
+
 async def main() -> None:
     global EVENTS, STEP_DELAY, WORKER_ID
     parser = argparse.ArgumentParser()
@@ -200,13 +277,22 @@ async def main() -> None:
     parser.add_argument("--step-delay", type=float, default=0.0)
     args = parser.parse_args()
     EVENTS, STEP_DELAY, WORKER_ID = Path(args.events), args.step_delay, args.worker_id
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+    logging.getLogger("ergon_worker_sdk").setLevel(logging.INFO)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     async with Client(args.address.split(",")) as client:
         worker = Worker(client, args.worker_id, max_concurrency=args.capacity)
-        await worker.register(FiveSteps, ThreeSteps, Flaky, Sleeper, PackItem, Shipment)
+        await worker.register(
+            FiveSteps, ThreeSteps, Flaky, Sleeper, Signalled, WhoRuns, PackItem, Shipment
+        )
         handle = await worker.start()
         print("worker started", flush=True)
         await stop.wait()

@@ -1,0 +1,72 @@
+"""The server SIGKILLed at random points under a load of 500 mixed flows, on every store."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from ergon_worker_sdk import Client
+from tests.faults.conftest import Processes
+from tests.faults.load import FaultPoint, MixedLoad, fault_point
+from tests.support.processes import eventually, read_events
+
+pytestmark = pytest.mark.faults
+
+FLOWS = 500
+KILLS = 4
+
+
+async def test_server_sigkilled_four_times_under_500_flows_loses_nothing(
+    store_url: str, processes: Processes, events: Path, rng: random.Random
+) -> None:
+    started = time.monotonic()
+    server = processes.server(store_url)
+    for name in ("w1", "w2"):
+        processes.worker(server.address, name, capacity=20, step_delay=0.1)
+    faults: list[FaultPoint] = []
+    async with Client(server.address, retry_timeout_s=60) as client:
+        load = MixedLoad(client, rng, signal_delay_s=5.0)
+
+        async def schedule() -> None:
+            # Batches land before, between and during kills (a batch whose answer a kill
+            # swallows is retried with the same request ids).
+            for _ in range(5):
+                await load.schedule(FLOWS // 5)
+                await asyncio.sleep(rng.uniform(0.2, 1.0))
+
+        async def kill() -> None:
+            await asyncio.sleep(rng.uniform(0.5, 1.5))
+            for k in range(KILLS):
+                server.kill()
+                faults.append(
+                    await asyncio.to_thread(fault_point, f"server kill {k + 1}", store_url, events)
+                )
+                await asyncio.sleep(rng.uniform(0.05, 1.0))
+                await asyncio.to_thread(server.start)
+                # Kill again only once work has resumed, at a random moment after.
+                done = len(read_events(events))
+                await eventually(
+                    lambda done=done: len(read_events(events)) > done + 20,  # type: ignore[misc]
+                    within=60,
+                    what="work resumed after the restart",
+                )
+                await asyncio.sleep(rng.uniform(0.2, 1.5))
+
+        await asyncio.gather(schedule(), kill())
+        await load.wait_all(within=120)
+    figures = load.verify(store_url, events, faults)
+    # Each kill hit work in progress, and between them timers and signal waits were pending.
+    assert all(point.unfinished > 0 for point in faults), [p.unfinished for p in faults]
+    assert sum(point.open_waits("TIMER") for point in faults) > 0
+    assert sum(point.open_waits("SIGNAL") for point in faults) > 0
+    assert sum(len(point.in_flight_steps) for point in faults) > 0
+    assert server.starts == KILLS + 1
+    print(
+        f"{store_url.split(':')[0]}: {KILLS} kills survived in {time.monotonic() - started:.1f}s; "
+        f"unfinished at each kill {[p.unfinished for p in faults]}, "
+        f"steps in flight {[len(p.in_flight_steps) for p in faults]}; {figures}"
+    )
