@@ -462,9 +462,7 @@ class Engine:
         types = tuple(dict.fromkeys(flow_types))
         await self.store.register_flow_types(types, now)
         self._known_types.update(types)
-        session = Session(
-            uuid.uuid4().hex, worker_id, types, capacity, connected_at=now, peer=peer
-        )
+        session = Session(uuid.uuid4().hex, worker_id, types, capacity, connected_at=now, peer=peer)
         session.last_heard_ms = now
         reattached: list[str] = []
         if held:
