@@ -163,6 +163,9 @@ class Engine:
         for session in self.dispatcher.sessions:
             session.send(DrainOut())
             self.dispatcher.remove(session)
+        # Long polls end now with UNAVAILABLE (clients retry elsewhere), not cancelled later.
+        for flow_id in list(self._waiters):
+            self._notify(flow_id)
 
     async def shutdown(self) -> None:
         """Stop the loops. Idempotent, safe before start."""
@@ -314,6 +317,8 @@ class Engine:
             remaining = deadline - loop.time()
             if record.status.terminal or remaining <= 0:
                 return record.status.terminal, record
+            if self.draining:
+                raise UnavailableError("the server is shutting down; retry", "DRAINING")
             future: asyncio.Future[None] = loop.create_future()
             self._waiters.setdefault(flow_id, []).append(future)
             try:

@@ -261,3 +261,24 @@ async def test_batch_schedule_reports_each_item(
         ("a", True, 0, ""),
     ]
     assert FlowStatus.PENDING.value == common_pb2.FLOW_STATUS_PENDING
+
+
+async def test_long_polls_end_with_unavailable_when_the_server_shuts_down() -> None:
+    import asyncio
+
+    async with (
+        ErgonTestServer(allow_unregistered_flow_types=True) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        await stub.ScheduleFlow(schedule_request("long-poll"))
+        waiting = asyncio.ensure_future(
+            stub.WaitFlow(scheduler_pb2.WaitFlowRequest(flow_id="long-poll", timeout_ms=30_000))
+        )
+        await asyncio.sleep(0.2)
+        shutdown = asyncio.ensure_future(server.shutdown())
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await waiting
+        await shutdown
+    error = translate(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "DRAINING")
