@@ -227,11 +227,13 @@ class Client:
                 return await method(request, metadata=self.call_metadata)
             except grpc.aio.AioRpcError as error:
                 translated = translate(error)
-                if (
-                    not retry
-                    or not isinstance(translated, ServerUnavailableError)
-                    or loop.time() + backoff > deadline
-                ):
+                # CANCELLED here comes from the server or the transport (a connection reset
+                # under the call), never from us (our own cancellation raises CancelledError);
+                # every call made here is idempotent, so it is retried like UNAVAILABLE.
+                transient = isinstance(translated, ServerUnavailableError) or (
+                    error.code() is grpc.StatusCode.CANCELLED
+                )
+                if not retry or not transient or loop.time() + backoff > deadline:
                     raise translated from None
                 log.debug("server unavailable (%s); retrying", error.details())
             await asyncio.sleep(backoff)
