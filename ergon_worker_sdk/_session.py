@@ -177,6 +177,17 @@ class WorkerStream:
                     break
                 detail = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error)
                 log.warning("worker %s: stream lost (%s); reconnecting", self.worker_id, detail)
+            except Exception as error:
+                # Whatever else a dying connection raises (a write racing the end of the call
+                # raises InvalidStateError), the worker must not lose its stream for good.
+                if self._closing:
+                    break
+                log.warning(
+                    "worker %s: stream failed (%s: %s); reconnecting",
+                    self.worker_id,
+                    type(error).__name__,
+                    error,
+                )
             finally:
                 self.connected.clear()
             if self._closing:
