@@ -28,7 +28,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from ergon_server.errors import ErgonError, StoreError, StoreUnavailableError
@@ -50,6 +50,7 @@ from ergon_server.model import (
     Satisfied,
     ScheduleOutcome,
     ScheduleResult,
+    SignalOutcome,
     SignalResult,
     StepRecord,
     SuspendOutcome,
@@ -1205,6 +1206,73 @@ class RegisterWaits(SimCommand[list[WaitResult]]):
 
 # Short for the `CommandSet` signatures.
 _Future = asyncio.Future
+
+
+class ScheduleFlowsCommand(Command[list[ScheduleResult]]):
+    """Schedule flows: the queue-order bookkeeping both dialects share.
+
+    A dialect subclass implements `apply_all` with its reads and inserts, running one
+    `plan_schedule` over `items(commands)` and handing the answers back with `hand_out`.
+    """
+
+    __slots__ = ("flows", "now_ms")
+    mergeable = True
+
+    def __init__(
+        self, future: asyncio.Future[list[ScheduleResult]], flows: Sequence[NewFlow], now_ms: int
+    ) -> None:
+        super().__init__(future)
+        self.flows = flows
+        self.now_ms = now_ms
+
+    def resources(self) -> Iterable[str]:
+        # All schedules stay in queue order among themselves, so `seq` (scheduling order)
+        # follows the queue; request ids are then ordered too.
+        return ["schedule-order", *flow_resources(flow.flow_id for flow in self.flows)]
+
+    @staticmethod
+    def items(commands: Sequence[ScheduleFlowsCommand]) -> list[tuple[NewFlow, int]]:
+        """Every command's flows, in queue order, with their command's time."""
+        return [(flow, command.now_ms) for command in commands for flow in command.flows]
+
+    @staticmethod
+    def hand_out(commands: Sequence[ScheduleFlowsCommand], results: list[ScheduleResult]) -> None:
+        """Give each command its slice of the stage's answers."""
+        start = 0
+        for command in commands:
+            command.result = results[start : start + len(command.flows)]
+            start += len(command.flows)
+
+
+async def satisfy_signal_waits(
+    sim: Sim,
+    flow_id: str,
+    waits: Sequence[Any],
+    sequence: int,
+    consume: Callable[[str], Awaitable[bytes | None]],
+    now_ms: int,
+) -> SignalResult:
+    """Hand a just-appended signal's mailbox to the flow's open waits for it, oldest first.
+
+    `waits` are the open SIGNAL wait rows of that name in order; `consume(key)` takes the
+    oldest unconsumed signal for a wait key, or None when the mailbox is empty.
+    """
+    if waits:
+        await sim.load([flow_id])
+    for row in waits:
+        wait = sim.cache_wait(row)
+        key = row[1]
+        if wait.status != OPEN:
+            continue
+        if wait.has_entry or sim.entry(flow_id, key) is not None:
+            sim.set_wait(flow_id, key, wait, SATISFIED)
+            continue
+        consumed = await consume(key)
+        if consumed is None:
+            break
+        done = sim.satisfy(flow_id, key, wait, EntryStatus.COMPLETED, consumed, None, now_ms)
+        return SignalResult(SignalOutcome.DELIVERED, sequence, done)
+    return SignalResult(SignalOutcome.DELIVERED, sequence)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -101,6 +101,7 @@ from ergon_server.storage._batched import (
     FlowState,
     ParkFlows,
     RegisterWaits,
+    ScheduleFlowsCommand,
     Sim,
     SuspendFlows,
     failure_to_json,
@@ -112,6 +113,7 @@ from ergon_server.storage._batched import (
     plan_stages,
     policy_from_json,
     policy_to_json,
+    satisfy_signal_waits,
     unique,
 )
 from ergon_server.storage._checks import (
@@ -752,52 +754,21 @@ async def _send_signal(
         flow_id,
         name,
     )
-    if waits:
-        await sim.load([flow_id])
-    for row in waits:
-        wait = sim.cache_wait(row)
-        key = row[1]
-        if wait.status != OPEN:
-            continue
-        if wait.has_entry or sim.entry(flow_id, key) is not None:
-            sim.set_wait(flow_id, key, wait, SATISFIED)
-            continue
-        consumed = await _consume_signal(tx, flow_id, name, key, now_ms)
-        if consumed is None:
-            break
-        done = sim.satisfy(flow_id, key, wait, EntryStatus.COMPLETED, consumed, None, now_ms)
-        return SignalResult(SignalOutcome.DELIVERED, sequence, done)
-    return SignalResult(SignalOutcome.DELIVERED, sequence)
+    return await satisfy_signal_waits(
+        sim,
+        flow_id,
+        waits,
+        sequence,
+        lambda key: _consume_signal(tx, flow_id, name, key, now_ms),
+        now_ms,
+    )
 
 
-class _ScheduleFlows(Command[list[ScheduleResult]]):
-    __slots__ = ("flows", "now_ms")
-    mergeable = True
-
-    def __init__(
-        self,
-        future: asyncio.Future[list[ScheduleResult]],
-        flows: Sequence[NewFlow],
-        now_ms: int,
-    ) -> None:
-        super().__init__(future)
-        self.flows = flows
-        self.now_ms = now_ms
-
-    def resources(self) -> Iterable[str]:
-        # All schedules stay in queue order among themselves, so `seq` (scheduling order)
-        # follows the queue; request ids are then ordered too.
-        return ["schedule-order", *flow_resources(flow.flow_id for flow in self.flows)]
-
+class _ScheduleFlows(ScheduleFlowsCommand):
     @classmethod
     async def apply_all(cls, tx: _Tx, commands: Sequence[Self]) -> None:
         """Schedule every command's flows with one round of reads and inserts."""
-        items = [(flow, command.now_ms) for command in commands for flow in command.flows]
-        results = await _schedule(tx, items)
-        start = 0
-        for command in commands:
-            command.result = results[start : start + len(command.flows)]
-            start += len(command.flows)
+        cls.hand_out(commands, await _schedule(tx, cls.items(commands)))
 
 
 _UPSERT_STEP = (
