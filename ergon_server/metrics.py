@@ -41,6 +41,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.steps = Counter("ergon_steps", "Step outcomes recorded", ["outcome"], registry=r)
+        # Children looked up once: a step is recorded on the hot path.
+        self.step_outcomes = {
+            outcome: self.steps.labels(outcome) for outcome in ("completed", "failed", "retrying")
+        }
         self.step_duration = Histogram(
             "ergon_step_duration_seconds", "How long step attempts ran", buckets=_SLOW, registry=r
         )

@@ -280,15 +280,7 @@ class Client:
                 raise ValueError("start_at must be timezone-aware")
             request.start_at.FromDatetime(start_at)
         if retry_policy is not None:
-            request.retry_policy.CopyFrom(
-                common_pb2.RetryPolicy(
-                    max_attempts=retry_policy.max_attempts,
-                    initial_delay_ms=retry_policy.initial_delay_ms,
-                    max_delay_ms=retry_policy.max_delay_ms,
-                    backoff_multiplier=retry_policy.backoff_multiplier,
-                    non_retryable_error_types=list(retry_policy.error_type_names),
-                )
-            )
+            request.retry_policy.CopyFrom(retry_policy.to_proto())
         return request
 
     async def schedule_type(

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, ParamSpec, TypeVar, overload
 
 from ergon_worker_sdk._context import current_context
 from ergon_worker_sdk.errors import NonRetryableError
+from ergon_worker_sdk.proto.ergon.v1 import common_pb2
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -78,6 +79,27 @@ class RetryPolicy:
     def should_retry(self, error: BaseException, attempt: int) -> bool:
         """Whether attempt number `attempt` (from 1), which raised `error`, gets another."""
         return attempt < self.max_attempts and self.is_retryable(error)
+
+    def to_proto(self) -> common_pb2.RetryPolicy:
+        """The wire form (non-retryable errors by name)."""
+        return common_pb2.RetryPolicy(
+            max_attempts=self.max_attempts,
+            initial_delay_ms=self.initial_delay_ms,
+            max_delay_ms=self.max_delay_ms,
+            backoff_multiplier=self.backoff_multiplier,
+            non_retryable_error_types=list(self.error_type_names),
+        )
+
+    @classmethod
+    def from_proto(cls, wire: common_pb2.RetryPolicy) -> RetryPolicy:
+        """A policy from its wire form, clamped to valid values."""
+        return cls(
+            max_attempts=max(1, wire.max_attempts),
+            initial_delay_ms=max(0, wire.initial_delay_ms),
+            max_delay_ms=max(0, wire.max_delay_ms),
+            backoff_multiplier=max(1.0, wire.backoff_multiplier),
+            non_retryable_errors=tuple(wire.non_retryable_error_types),
+        )
 
     def delay_ms(self, attempt: int) -> int:
         """The delay after attempt number `attempt` failed (with up to 10% jitter)."""

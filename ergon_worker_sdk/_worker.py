@@ -260,14 +260,7 @@ class Worker:
         assignment: worker_pb2.Assignment, definition: FlowTypeDefinition
     ) -> RetryPolicy:
         if assignment.HasField("retry_policy"):
-            wire = assignment.retry_policy
-            return RetryPolicy(
-                max_attempts=max(1, wire.max_attempts),
-                initial_delay_ms=wire.initial_delay_ms,
-                max_delay_ms=wire.max_delay_ms,
-                backoff_multiplier=max(1.0, wire.backoff_multiplier),
-                non_retryable_errors=tuple(wire.non_retryable_error_types),
-            )
+            return RetryPolicy.from_proto(assignment.retry_policy)
         return definition.flow.retry_policy or RetryPolicy.NONE
 
     async def _park(self, assignment: worker_pb2.Assignment, error: HistoryMismatchError) -> None:

@@ -570,7 +570,7 @@ class Engine:
         for event, outcome in zip(events, outcomes, strict=True):
             record = event.record
             if outcome is WriteOutcome.OK:
-                self.metrics.steps.labels(record.status.value.lower()).inc()
+                self.metrics.step_outcomes[record.status.value.lower()].inc()
                 if event.duration_ms:
                     self.metrics.step_duration.observe(event.duration_ms / 1000)
             self._ack_fenced(session, event.seq, record.flow_id, record.lease_token, outcome)

@@ -18,7 +18,6 @@ from ergon_worker_sdk import (
     FlowNotFoundError,
     FlowStatus,
     RetryPolicy,
-    Worker,
     await_external_signal,
     dag,
     flow,
@@ -31,6 +30,7 @@ from ergon_worker_sdk import (
 from ergon_worker_sdk.proto.ergon.v1 import common_pb2, scheduler_pb2, signal_pb2, signal_pb2_grpc
 from ergon_worker_sdk.testing import ErgonTestServer
 from tests.support.processes import eventually
+from tests.support.sdk import start
 
 RUNS: dict[str, int] = {}
 WAITED: list[float] = []
@@ -59,12 +59,6 @@ async def server(request: pytest.FixtureRequest) -> AsyncIterator[ErgonTestServe
 async def client(server: ErgonTestServer) -> AsyncIterator[Client]:
     async with server.client() as client:
         yield client
-
-
-async def start(client: Client, *types: type, name: str = "w", capacity: int = 10):  # type: ignore[no-untyped-def]
-    worker = Worker(client, name, max_concurrency=capacity)
-    await worker.register(*types)
-    return worker, await worker.start()
 
 
 @dataclass

@@ -13,12 +13,12 @@ from ergon_worker_sdk import (
     NonRetryableError,
     RetryPolicy,
     StepFailedError,
-    Worker,
     flow,
     flow_type,
     step,
 )
 from tests.support.processes import eventually
+from tests.support.sdk import start
 
 RUNS: dict[str, int] = {}
 GATE: dict[str, asyncio.Event] = {}
@@ -55,12 +55,6 @@ class Pausing:
         reserved = await self.reserve(self.amount)
         gate = await self.wait_here()
         return f"{reserved['reserved']}:{gate}"
-
-
-async def start(client: Client, *types: type, name: str = "w", capacity: int = 10):  # type: ignore[no-untyped-def]
-    worker = Worker(client, name, max_concurrency=capacity)
-    await worker.register(*types)
-    return worker, await worker.start()
 
 
 async def test_a_released_flow_replays_recorded_steps_on_the_next_worker(client: Client) -> None:
