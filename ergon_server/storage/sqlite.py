@@ -34,12 +34,15 @@ never wait for the writer.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import logging
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 import aiosqlite
 
@@ -176,9 +179,80 @@ def _chunks(values: Sequence[_T]) -> Iterable[Sequence[_T]]:
         yield values[start : start + _IN_CHUNK]
 
 
-async def _fetch_in(
-    conn: aiosqlite.Connection, sql: str, keys: Sequence[str], *extra: object
-) -> list[_Row]:
+class _Writer:
+    """The writer connection, owned by one thread that runs a whole transaction per hop.
+
+    aiosqlite hops to its thread once per statement, and a group commit's BEGIN, fencing
+    reads, `executemany`s and COMMIT cost more in hops than in SQLite. Here the batch's
+    coroutine runs on the writer's own thread: `execute`, `execute_fetchall` and
+    `executemany` are coroutines that finish at once, so `run` completes the batch in one
+    `send` and one round trip to the event loop.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="ergon-sqlite-writer"
+        )
+        self._conn: sqlite3.Connection | None = None
+        self._thread: int | None = None
+
+    async def open(self) -> None:
+        """Connect on the writer's thread."""
+        await self.run(self._connect)
+
+    async def _connect(self, _: _Writer) -> None:
+        self._thread = threading.get_ident()
+        self._conn = sqlite3.connect(self._path, isolation_level=None)
+
+    async def run(self, job: Callable[[_Writer], Coroutine[Any, Any, _T]]) -> _T:
+        """Run `job(self)` to its end on the writer's thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._drive, job)
+
+    def _drive(self, job: Callable[[_Writer], Coroutine[Any, Any, _T]]) -> _T:
+        coroutine = job(self)
+        try:
+            coroutine.send(None)
+        except StopIteration as stop:
+            return cast(_T, stop.value)
+        coroutine.close()
+        raise StoreError("an sqlite command awaited something other than its connection")
+
+    def _connection(self) -> sqlite3.Connection:
+        # Only the writer's thread may touch the connection: a call from the event loop would
+        # run SQL beside a batch in flight.
+        if self._conn is None or threading.get_ident() != self._thread:
+            raise StoreError("the sqlite writer was used off its thread or after closing")
+        return self._conn
+
+    async def execute(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
+        """Run one statement."""
+        return self._connection().execute(sql, params)
+
+    async def execute_fetchall(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        """Run one statement and return all its rows."""
+        return self._connection().execute(sql, params).fetchall()
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> sqlite3.Cursor:
+        """Run one statement once per row."""
+        return self._connection().executemany(sql, rows)
+
+    async def close(self) -> None:
+        """Close the connection and stop the thread (after any batch in flight)."""
+        try:
+            if self._conn is not None:
+                await self.run(self._close)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    async def _close(self, _: _Writer) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+async def _fetch_in(conn: _Writer, sql: str, keys: Sequence[str], *extra: object) -> list[_Row]:
     """Run `sql` (with one `{marks}` IN list) over `keys` in chunks, extra params first."""
     rows: list[_Row] = []
     for chunk in _chunks(keys):
@@ -188,7 +262,7 @@ async def _fetch_in(
     return rows
 
 
-async def _fence(conn: aiosqlite.Connection, flow_ids: Iterable[str]) -> dict[str, list[Any]]:
+async def _fence(conn: _Writer, flow_ids: Iterable[str]) -> dict[str, list[Any]]:
     """Current [status, lease_token] of each named flow that exists."""
     rows = await _fetch_in(
         conn,
@@ -258,7 +332,7 @@ class _FlowState(FlowState):
 class _Sim(Sim):
     """A stage's simulation (`Sim`) on SQLite: reads by chunked IN lists and VALUES joins."""
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    def __init__(self, conn: _Writer) -> None:
         super().__init__()
         self.conn = conn
 
@@ -376,7 +450,7 @@ def _by_pairs(select: str, alias: str, pairs: Sequence[tuple[str, str]]) -> str:
 
 
 async def _consume_signal(
-    conn: aiosqlite.Connection, flow_id: str, name: str, key: str, now_ms: int
+    conn: _Writer, flow_id: str, name: str, key: str, now_ms: int
 ) -> bytes | None:
     """Consume the oldest unconsumed signal of the mailbox into `key`; its payload or None."""
     rows = list(
@@ -391,7 +465,7 @@ async def _consume_signal(
 
 
 async def _journal_entries(
-    conn: aiosqlite.Connection, pairs: Sequence[tuple[str, str]]
+    conn: _Writer, pairs: Sequence[tuple[str, str]]
 ) -> dict[tuple[str, str], JournalRecord]:
     """The stored journal entries under these (flow_id, key) pairs."""
     found: dict[tuple[str, str], JournalRecord] = {}
@@ -410,9 +484,7 @@ async def _journal_entries(
 # --- write commands ----------------------------------------------------------------------
 
 
-async def _schedule(
-    conn: aiosqlite.Connection, items: Sequence[tuple[NewFlow, int]]
-) -> list[ScheduleResult]:
+async def _schedule(conn: _Writer, items: Sequence[tuple[NewFlow, int]]) -> list[ScheduleResult]:
     """Schedule flows in order, simulating the rows they create so duplicates see each other."""
     existing: dict[str, tuple[str, bytes]] = {
         row[0]: (row[1], row[2])
@@ -465,7 +537,7 @@ async def _schedule(
 
 
 async def _send_signal(
-    conn: aiosqlite.Connection,
+    conn: _Writer,
     sim: _Sim,
     flow_id: str,
     name: str,
@@ -517,7 +589,7 @@ async def _send_signal(
 
 class _ScheduleFlows(ScheduleFlowsCommand):
     @classmethod
-    async def apply_all(cls, conn: aiosqlite.Connection, commands: Sequence[Self]) -> None:
+    async def apply_all(cls, conn: _Writer, commands: Sequence[Self]) -> None:
         """Schedule every command's flows with one round of reads and inserts."""
         cls.hand_out(commands, await _schedule(conn, cls.items(commands)))
 
@@ -551,7 +623,7 @@ class _RecordSteps(Command[list[WriteOutcome]]):
         return flow_resources(record.flow_id for record in self.records)
 
     @classmethod
-    async def apply_all(cls, conn: aiosqlite.Connection, commands: Sequence[Self]) -> None:
+    async def apply_all(cls, conn: _Writer, commands: Sequence[Self]) -> None:
         """Fence every record with one SELECT, then upsert the accepted ones at once.
 
         Step records never change a flow's status or token, so one snapshot fences the whole
@@ -597,7 +669,7 @@ class _OnSim:
     __slots__ = ()
 
     @classmethod
-    def new_sim(cls, conn: aiosqlite.Connection) -> _Sim:
+    def new_sim(cls, conn: _Writer) -> _Sim:
         return _Sim(conn)
 
 
@@ -620,7 +692,7 @@ class _ReleaseFlows(Command[list[WriteOutcome]]):
         return flow_resources(lease.flow_id for lease in self.leases)
 
     @classmethod
-    async def apply_all(cls, conn: aiosqlite.Connection, commands: Sequence[Self]) -> None:
+    async def apply_all(cls, conn: _Writer, commands: Sequence[Self]) -> None:
         """Fence with one SELECT, then re-queue every accepted flow at once."""
         states = await _fence(
             conn, (lease.flow_id for command in commands for lease in command.leases)
@@ -691,12 +763,12 @@ class _ClaimFlows(Command[list[ClaimedFlow]]):
         return sql, [*params, self.limit]
 
     @classmethod
-    async def apply_all(cls, conn: aiosqlite.Connection, commands: Sequence[Self]) -> None:
+    async def apply_all(cls, conn: _Writer, commands: Sequence[Self]) -> None:
         """Claim and lease in one UPDATE ... RETURNING, then read the journals."""
         for command in commands:
             command.result = await command._apply(conn)
 
-    async def _apply(self, conn: aiosqlite.Connection) -> list[ClaimedFlow]:
+    async def _apply(self, conn: _Writer) -> list[ClaimedFlow]:
         if not self.flow_types or self.limit <= 0:
             return []
         candidates, params = self._candidates()
@@ -745,7 +817,7 @@ class _RenewLeases(Command[int]):
         self.lease_expires_at = lease_expires_at
 
     @classmethod
-    async def apply_all(cls, conn: aiosqlite.Connection, commands: Sequence[Self]) -> None:
+    async def apply_all(cls, conn: _Writer, commands: Sequence[Self]) -> None:
         """Extend the session's leases through the partial index on lease_owner."""
         for command in commands:
             cursor = await conn.execute(
@@ -765,7 +837,7 @@ class _ExpireLeases(Command[list[str]]):
         self.now_ms = now_ms
 
     @classmethod
-    async def apply_all(cls, conn: aiosqlite.Connection, commands: Sequence[Self]) -> None:
+    async def apply_all(cls, conn: _Writer, commands: Sequence[Self]) -> None:
         """Re-queue expired leases through the partial index on lease_expires_at."""
         for command in commands:
             rows = await conn.execute_fetchall(
@@ -798,7 +870,7 @@ class _ReattachLeases(Command[list[str]]):
         return flow_resources(lease.flow_id for lease in self.leases)
 
     @classmethod
-    async def apply_all(cls, conn: aiosqlite.Connection, commands: Sequence[Self]) -> None:
+    async def apply_all(cls, conn: _Writer, commands: Sequence[Self]) -> None:
         """Move the leases that are still live to the new session."""
         for command in commands:
             rows = await _fetch_in(
@@ -856,7 +928,7 @@ class _SendSignal(Command[SignalResult]):
         return flow_resources([self.flow_id])
 
     @classmethod
-    async def apply_all(cls, conn: aiosqlite.Connection, commands: Sequence[Self]) -> None:
+    async def apply_all(cls, conn: _Writer, commands: Sequence[Self]) -> None:
         """Append each signal to its mailbox (an open wait consumes it)."""
         for command in commands:
             sim = _Sim(conn)
@@ -892,7 +964,7 @@ class _SignalWithSchedule(Command[tuple[ScheduleResult, SignalResult]]):
         self.now_ms = now_ms
 
     @classmethod
-    async def apply_all(cls, conn: aiosqlite.Connection, commands: Sequence[Self]) -> None:
+    async def apply_all(cls, conn: _Writer, commands: Sequence[Self]) -> None:
         """Schedule, then signal the flow the schedule resolved to."""
         for command in commands:
             (scheduled,) = await _schedule(conn, [(command.flow, command.now_ms)])
@@ -925,7 +997,7 @@ class _RegisterFlowTypes(Command[None]):
         return ["flow-types"]
 
     @classmethod
-    async def apply_all(cls, conn: aiosqlite.Connection, commands: Sequence[Self]) -> None:
+    async def apply_all(cls, conn: _Writer, commands: Sequence[Self]) -> None:
         """Insert the types not seen before."""
         for command in commands:
             await conn.executemany(
@@ -962,7 +1034,7 @@ class _FireTimers(Command[list[Satisfied]]):
         self.limit = limit
 
     @classmethod
-    async def apply_all(cls, conn: aiosqlite.Connection, commands: Sequence[Self]) -> None:
+    async def apply_all(cls, conn: _Writer, commands: Sequence[Self]) -> None:
         """Fire due timers through the partial index on open timers."""
         for command in commands:
             sim = _Sim(conn)
@@ -1013,9 +1085,7 @@ class _ParkFlows(_OnSim, ParkFlows):
     __slots__ = ()
 
 
-async def _child_links(
-    conn: aiosqlite.Connection, batch: Sequence[AnyCommand]
-) -> dict[str, set[str]]:
+async def _child_links(conn: _Writer, batch: Sequence[AnyCommand]) -> dict[str, set[str]]:
     """For each flow a batch may end, the flows whose CHILD waits name it.
 
     Ending a child writes its waiting flows (their entries, their status), so the planner
@@ -1040,6 +1110,20 @@ async def _child_links(
     return links
 
 
+async def _apply_batch(writer: _Writer, *, batch: Sequence[AnyCommand]) -> None:
+    """The body of one group commit; rolled back whole if anything in it fails."""
+    await writer.execute("BEGIN IMMEDIATE")
+    try:
+        links = await _child_links(writer, batch) if len(batch) > 1 else {}
+        for stage in plan_stages(batch, links):
+            await type(stage[0]).apply_all(writer, stage)
+        await writer.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await writer.execute("ROLLBACK")
+        raise
+
+
 # --- migrations --------------------------------------------------------------------------
 
 
@@ -1062,9 +1146,9 @@ def _split_statements(script: str) -> list[str]:
 
 
 class _SqliteMigrationTarget:
-    """The migration runner's view of an aiosqlite connection."""
+    """The migration runner's view of the writer connection (run on its thread)."""
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    def __init__(self, conn: _Writer) -> None:
         self._conn = conn
 
     async def ensure_version_table(self) -> None:
@@ -1160,11 +1244,9 @@ class SqliteStore(BatchedStore):
         self._synchronous = mode
         self._reader_count = readers
         self._busy_timeout_ms = busy_timeout_ms
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: _Writer | None = None
         self._readers: list[aiosqlite.Connection] = []
         self._next_reader = 0
-        # Only for ":memory:": reads use the writer and must not see a batch mid-transaction.
-        self._shared_lock: asyncio.Lock | None = None
 
     @property
     def path(self) -> str:
@@ -1197,18 +1279,11 @@ class SqliteStore(BatchedStore):
         in_memory = self._path == MEMORY_PATH
         if not in_memory:
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        writer = await aiosqlite.connect(self._path, isolation_level=None)
+        writer = _Writer(self._path)
         self._writer = writer
-        if not in_memory:
-            rows = list(await writer.execute_fetchall("PRAGMA journal_mode = WAL"))
-            if str(rows[0][0]).lower() != "wal":
-                raise StoreError(f"could not put {self._path} in WAL mode (got {rows[0][0]})")
-        await writer.execute(f"PRAGMA synchronous = {self._synchronous}")
-        await writer.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
-        await writer.execute("PRAGMA foreign_keys = ON")
-        await migrate(_SqliteMigrationTarget(writer), load_migrations("sqlite"))
+        await writer.open()
+        await writer.run(self._prepare_writer)
         if in_memory:
-            self._shared_lock = asyncio.Lock()
             return
         for _ in range(self._reader_count):
             reader = await aiosqlite.connect(self._path, isolation_level=None)
@@ -1216,11 +1291,22 @@ class SqliteStore(BatchedStore):
             await reader.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
             await reader.execute("PRAGMA query_only = ON")
 
+    async def _prepare_writer(self, writer: _Writer) -> None:
+        if self._path != MEMORY_PATH:
+            rows = list(await writer.execute_fetchall("PRAGMA journal_mode = WAL"))
+            if str(rows[0][0]).lower() != "wal":
+                raise StoreError(f"could not put {self._path} in WAL mode (got {rows[0][0]})")
+        await writer.execute(f"PRAGMA synchronous = {self._synchronous}")
+        await writer.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+        await writer.execute("PRAGMA foreign_keys = ON")
+        await migrate(_SqliteMigrationTarget(writer), load_migrations("sqlite"))
+
     async def _disconnect(self) -> None:
-        connections = [*self._readers, *([self._writer] if self._writer is not None else [])]
+        connections: list[aiosqlite.Connection | _Writer] = [*self._readers]
+        if self._writer is not None:
+            connections.append(self._writer)
         self._readers = []
         self._writer = None
-        self._shared_lock = None
         for conn in connections:
             try:
                 await conn.close()
@@ -1236,33 +1322,26 @@ class SqliteStore(BatchedStore):
     # --- the group commit ---
 
     async def _run(self, batch: Sequence[AnyCommand]) -> None:
-        """Apply a batch in one `BEGIN IMMEDIATE` transaction."""
-        conn = self._writer
-        if conn is None:
+        """Apply a batch in one `BEGIN IMMEDIATE` transaction, on the writer's thread."""
+        writer = self._writer
+        if writer is None:
             raise StoreUnavailableError("the sqlite store is not open")
-        lock = self._shared_lock if self._shared_lock is not None else contextlib.nullcontext()
-        async with lock:
-            try:
-                await conn.execute("BEGIN IMMEDIATE")
-                links = await _child_links(conn, batch) if len(batch) > 1 else {}
-                for stage in plan_stages(batch, links):
-                    await type(stage[0]).apply_all(conn, stage)
-                await conn.execute("COMMIT")
-            except BaseException as exc:
-                with contextlib.suppress(Exception):
-                    await conn.execute("ROLLBACK")
-                if isinstance(exc, Exception):
-                    raise _translate(exc) from exc
-                raise
+        try:
+            await writer.run(functools.partial(_apply_batch, batch=batch))
+        except Exception as exc:
+            raise _translate(exc) from exc
 
     # --- reads ---
 
     async def _read(self, sql: str, params: Sequence[object] = ()) -> list[_Row]:
         self._check_open()
         try:
-            if self._shared_lock is not None and self._writer is not None:
-                async with self._shared_lock:
-                    return list(await self._writer.execute_fetchall(sql, params))
+            if not self._readers and self._writer is not None:
+                # ":memory:": only the writer sees the database; its thread runs one job at a
+                # time, so a read never sees a batch half applied.
+                return list(
+                    await self._writer.run(lambda writer: writer.execute_fetchall(sql, params))
+                )
             reader = self._readers[self._next_reader % len(self._readers)]
             self._next_reader += 1
             return list(await reader.execute_fetchall(sql, params))
