@@ -1420,6 +1420,10 @@ class BatchedStore:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
+                # One turn of the loop first: tasks woken together with this one (a dispatcher
+                # woken by a schedule, the next stream message) queue their writes into this
+                # commit rather than waiting a whole commit for the next.
+                await asyncio.sleep(0)
                 count = min(len(self._queue), self._max_batch)
                 batch = [self._queue.popleft() for _ in range(count)]
                 await self._commit(batch)
