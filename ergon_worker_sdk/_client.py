@@ -192,6 +192,12 @@ class Client:
             options += [
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", self.max_message_bytes),
+                # gRPC's own reconnect backoff grows to two minutes, and while it waits every
+                # call fails at once: a server back from a restart would go unnoticed for that
+                # long, and workers' leases would lapse. Retrying is the SDK's job; dial soon.
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
             ]
             if self.tls is None:
                 self._channel = grpc.aio.insecure_channel(target, options=options)
