@@ -48,6 +48,11 @@ class EntryStatus(enum.StrEnum):
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
 
+    @property
+    def final(self) -> bool:
+        """Whether the entry holds its step's outcome for good (not a retrying attempt)."""
+        return self is not EntryStatus.RETRYING
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
@@ -194,6 +199,9 @@ class FlowFinish:
     result: bytes | None = None
     error: Failure | None = None
     retry_delay_ms: int = 0
+    # Journal keys that must be recorded (final) for the finish to apply: step results the
+    # worker sent just before and has not seen acknowledged.
+    requires_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +220,8 @@ class WriteOutcome(enum.Enum):
     LEASE_LOST = "lease_lost"
     # No such flow.
     NOT_FOUND = "not_found"
+    # A finish named journal keys that are not recorded (yet): nothing was written.
+    NOT_RECORDED = "not_recorded"
 
 
 class CancelOutcome(enum.Enum):

@@ -2,7 +2,10 @@
 
 Each `@step` call gets a deterministic key (step name + occurrence counter). A key found in the
 journal returns its recorded value (or raises its recorded failure) without running; a new step
-runs, its result is sent to the server, and the flow continues once the server has stored it.
+runs and its result is sent to the server. The flow's own code goes on at once (it is
+deterministic and replays), but nothing with an effect does until the server has stored the
+result: not another step's body, a wait, a suspension or the flow's end (which names the
+results it needs, so the last result and the end share a commit).
 
 Waits (timers, signals, child flows) are registered with the server under keys of their own
 ("timer:NAME#n", "signal:NAME#n", "child:TYPE#n"; inside a step, prefixed by the step's key).
@@ -58,6 +61,7 @@ _STEP: contextvars.ContextVar[_StepScope | None] = contextvars.ContextVar(
 )
 
 # Sends a worker event and returns the server's ack once it is stored (raises if refused).
+# The event should be queued by the time the call returns, so events leave in call order.
 Recorder = Callable[[worker_pb2.WorkerEvent], Awaitable[worker_pb2.Ack]]
 
 
@@ -67,6 +71,12 @@ class _StepScope:
 
     key: str
     counters: dict[str, int] = field(default_factory=dict)
+
+
+def _observe(task: asyncio.Task[worker_pb2.Ack]) -> None:
+    # A refusal is raised by `settle`; one nobody settles (the flow was dropped) is not news.
+    if not task.cancelled():
+        task.exception()
 
 
 def current_context() -> FlowContext | None:
@@ -141,6 +151,8 @@ class FlowContext:
         self._open: dict[str, asyncio.Future[common_pb2.JournalEntry]] = {}
         self._step_waits: dict[str, asyncio.Future[common_pb2.JournalEntry]] = {}
         self._wait_requests: dict[str, worker_pb2.WaitRequest] = {}
+        # Step results sent whose acks have not come back, by key (see `settle`).
+        self._unacked: dict[str, asyncio.Task[worker_pb2.Ack]] = {}
         self._inflight = 0
         self._activity = 0
         self._suspending = False
@@ -214,6 +226,8 @@ class FlowContext:
                 raise StepFailedError(key, entry.error.type, entry.error.message)
             attempts = entry.attempts
         self._boundary()
+        if self._unacked:
+            await self.settle()
         policy = definition.retry_policy
         self._inflight += 1
         self._activity += 1
@@ -253,7 +267,13 @@ class FlowContext:
                 finally:
                     _STEP.reset(scope)
                 elapsed_ms = round((time.perf_counter() - started) * 1000)
-                await self._record_step(key, digest, attempts, elapsed_ms, result=payload)
+                event = self._step_event(key, digest, attempts, elapsed_ms, result=payload)
+                # The flow's own code may go on before the ack: it is deterministic and replays.
+                # Anything with an effect (the next step's body, a wait, the flow's end) waits
+                # for the ack first (`settle`), so no step ever runs on an unrecorded result.
+                task = asyncio.ensure_future(self._record(event))
+                task.add_done_callback(_observe)
+                self._unacked[key] = task
                 # The flow gets the decoded value, exactly as a replay would give it.
                 return self.converter.from_payload(payload, definition.return_hint)
         finally:
@@ -278,10 +298,25 @@ class FlowContext:
         attempts: int,
         duration_ms: int,
         *,
-        result: common_pb2.Payload | None = None,
         failure: common_pb2.Failure | None = None,
         retrying: common_pb2.Failure | None = None,
     ) -> None:
+        event = self._step_event(
+            key, digest, attempts, duration_ms, failure=failure, retrying=retrying
+        )
+        await self._record(event)
+
+    def _step_event(
+        self,
+        key: str,
+        digest: str,
+        attempts: int,
+        duration_ms: int,
+        *,
+        result: common_pb2.Payload | None = None,
+        failure: common_pb2.Failure | None = None,
+        retrying: common_pb2.Failure | None = None,
+    ) -> worker_pb2.WorkerEvent:
         step_result = worker_pb2.StepResult(
             flow_id=self.flow_id,
             lease_token=self.lease_token,
@@ -297,7 +332,31 @@ class FlowContext:
             step_result.failure.CopyFrom(failure)
         elif retrying is not None:
             step_result.retrying.CopyFrom(retrying)
-        await self._record(worker_pb2.WorkerEvent(step_result=step_result))
+        return worker_pb2.WorkerEvent(step_result=step_result)
+
+    def unacked_keys(self) -> list[str]:
+        """Keys of step results sent whose acks have not come back yet."""
+        return [key for key, task in self._unacked.items() if not task.done()]
+
+    async def settle(self) -> None:
+        """Wait until every step result sent is stored.
+
+        Raises:
+            RpcError: the server refused one (LeaseLostError, ...): the flow must stop.
+        """
+        while self._unacked:
+            key, task = next(iter(self._unacked.items()))
+            try:
+                await task
+            finally:
+                if self._unacked.get(key) is task:
+                    del self._unacked[key]
+
+    def abandon_acks(self) -> None:
+        """The flow ended: acks still due no longer matter (nor may they be sent again)."""
+        for task in self._unacked.values():
+            task.cancel()
+        self._unacked.clear()
 
     def unreplayed_steps(self) -> list[str]:
         """Recorded steps the flow's code did not call this run (a history mismatch)."""
@@ -333,6 +392,8 @@ class FlowContext:
             return entry
         if not in_step:
             self._boundary()
+        if self._unacked:
+            await self.settle()
         request = worker_pb2.WaitRequest(
             flow_id=self.flow_id, lease_token=self.lease_token, key=key
         )
@@ -425,6 +486,8 @@ class FlowContext:
             flow_id=self.flow_id, lease_token=self.lease_token, open_keys=open_keys
         )
         try:
+            # A suspended flow is no longer RUNNING: step results after it would be refused.
+            await self.settle()
             ack = await self._record(worker_pb2.WorkerEvent(suspend=suspend))
         except LeaseLostError:
             self.suspended = True

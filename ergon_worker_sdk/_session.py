@@ -115,14 +115,29 @@ class WorkerStream:
         Raises:
             RpcError: the server refused it (LeaseLostError, PayloadTooLargeError, ...).
         """
+        return await self._acked(event, self._submit(event))
+
+    def request_soon(self, event: worker_pb2.WorkerEvent) -> asyncio.Task[worker_pb2.Ack]:
+        """Queue an event at once, ahead of anything queued after it; a task awaits its ack.
+
+        The task gives the ack, or raises, as `request` does.
+        """
+        return asyncio.ensure_future(self._acked(event, self._submit(event)))
+
+    def _submit(self, event: worker_pb2.WorkerEvent) -> asyncio.Future[worker_pb2.Ack]:
+        self._next_seq += 1
+        event.seq = self._next_seq
+        future: asyncio.Future[worker_pb2.Ack] = asyncio.get_running_loop().create_future()
+        self._pending[event.seq] = (event, future)
+        self._idle.clear()
+        self._enqueue(event)
+        return future
+
+    async def _acked(
+        self, event: worker_pb2.WorkerEvent, future: asyncio.Future[worker_pb2.Ack]
+    ) -> worker_pb2.Ack:
         backoff = self._initial_backoff_s
         while True:
-            self._next_seq += 1
-            event.seq = self._next_seq
-            future: asyncio.Future[worker_pb2.Ack] = asyncio.get_running_loop().create_future()
-            self._pending[event.seq] = (event, future)
-            self._idle.clear()
-            self._enqueue(event)
             try:
                 ack = await future
             finally:
@@ -132,13 +147,13 @@ class WorkerStream:
             if ack.code == grpc.StatusCode.OK.value[0]:
                 return ack
             code = _status_code(ack.code)
-            if code is grpc.StatusCode.UNAVAILABLE:
-                # The server's store is down for a moment: send the same event again later.
-                log.warning("server unavailable (%s); resending in %.1fs", ack.message, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._max_backoff_s)
-                continue
-            raise rpc_error(code, ack.reason, ack.message)
+            if code is not grpc.StatusCode.UNAVAILABLE:
+                raise rpc_error(code, ack.reason, ack.message)
+            # The server's store is down for a moment: send the same event again later.
+            log.warning("server unavailable (%s); resending in %.1fs", ack.message, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff_s)
+            future = self._submit(event)
 
     def send(self, event: worker_pb2.WorkerEvent) -> None:
         """Send an event that needs no ack (heartbeats); dropped if the stream is down."""

@@ -23,7 +23,7 @@ from ergon_worker_sdk.errors import (
     RpcError,
     StepFailedError,
 )
-from ergon_worker_sdk.proto.ergon.v1 import worker_pb2
+from ergon_worker_sdk.proto.ergon.v1 import common_pb2, worker_pb2
 from ergon_worker_sdk.tracing import Tracer
 
 log = logging.getLogger("ergon_worker_sdk.worker")
@@ -162,9 +162,16 @@ class Worker:
     # ---- running flows
 
     async def _request(self, event: worker_pb2.WorkerEvent) -> worker_pb2.Ack:
+        return await self._stream_or_fail().request(event)
+
+    def _request_soon(self, event: worker_pb2.WorkerEvent) -> asyncio.Task[worker_pb2.Ack]:
+        # Flows record through this: their events leave in the order the flow made them.
+        return self._stream_or_fail().request_soon(event)
+
+    def _stream_or_fail(self) -> WorkerStream:
         if self._stream is None:
             raise RuntimeError("the worker is not running")
-        return await self._stream.request(event)
+        return self._stream
 
     async def _execute(self, assignment: worker_pb2.Assignment) -> None:
         flow_id, token = assignment.flow_id, assignment.lease_token
@@ -204,7 +211,7 @@ class Worker:
             attempt=max(1, assignment.attempt),
             journal=list(assignment.journal),
             converter=self.client.converter,
-            recorder=self._request,
+            recorder=self._request_soon,
             max_payload_bytes=self.client.max_payload_bytes,
         )
 
@@ -231,6 +238,7 @@ class Worker:
             except (asyncio.CancelledError, LeaseLostError):
                 raise
             except HistoryMismatchError as error:
+                await context.settle()
                 await self._park(assignment, error)
                 return
             except Exception as error:
@@ -245,15 +253,37 @@ class Worker:
                     )
                 ):
                     delay = max(1, policy.delay_ms(context.attempt))
+                # The end of the flow comes after every step result it saw, as always.
+                await context.settle()
                 await self._fail(assignment, error, "", retry_delay_ms=delay)
                 return
         finally:
             FlowContext.deactivate(token)
-        completed = worker_pb2.FlowCompleted(
-            flow_id=assignment.flow_id, lease_token=assignment.lease_token, result=payload
-        )
-        await self._request(worker_pb2.WorkerEvent(flow_completed=completed))
+        await self._complete(assignment, context, payload)
         self.flows_completed += 1
+
+    async def _complete(
+        self, assignment: worker_pb2.Assignment, context: FlowContext, result: common_pb2.Payload
+    ) -> None:
+        # Sent right behind the last step's result, naming the results not yet acknowledged:
+        # the server ends the flow only once they are recorded, in the same commit if it can.
+        completed = worker_pb2.FlowCompleted(
+            flow_id=assignment.flow_id,
+            lease_token=assignment.lease_token,
+            result=result,
+            requires_keys=context.unacked_keys(),
+        )
+        try:
+            await self._request(worker_pb2.WorkerEvent(flow_completed=completed))
+        except RpcError as error:
+            if error.reason != "STEP_NOT_RECORDED":
+                raise
+            # The results went into a later commit than the end: wait for them, end again.
+            await context.settle()
+            del completed.requires_keys[:]
+            await self._request(worker_pb2.WorkerEvent(flow_completed=completed))
+        finally:
+            context.abandon_acks()
 
     @staticmethod
     def _flow_policy(

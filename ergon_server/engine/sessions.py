@@ -123,6 +123,13 @@ class AckOut:
                 "LEASE_LOST",
                 f"the lease on flow {flow_id!r} is no longer held by this worker",
             )
+        if outcome is WriteOutcome.NOT_RECORDED:
+            return cls(
+                seq,
+                CODE_FAILED_PRECONDITION,
+                "STEP_NOT_RECORDED",
+                f"flow {flow_id!r} cannot end before the step results it names are recorded",
+            )
         return cls(seq, CODE_NOT_FOUND, "FLOW_NOT_FOUND", f"flow {flow_id!r} does not exist")
 
 

@@ -63,6 +63,8 @@ REGISTER_TIMEOUT_S = 30.0
 # Lease tokens are stored as signed 64-bit integers: a larger one was never given out.
 MAX_LEASE_TOKEN = 2**63 - 1
 MAX_KEY_LENGTH = 512
+# Step results a worker may have in flight when it ends a flow: its parallel steps, at most.
+MAX_REQUIRED_KEYS = 10_000
 Requests = AsyncIterator[worker_pb2.ConnectRequest | Undecodable]
 
 
@@ -230,7 +232,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             done = event.flow_completed
             _check_lease(done.flow_id, done.lease_token)
             result = convert.payload_bytes(done.result, limit, "the flow result", check_json=False)
-            finish = FlowFinish(done.flow_id, done.lease_token, FlowStatus.COMPLETED, result=result)
+            if len(done.requires_keys) > MAX_REQUIRED_KEYS:
+                raise InvalidArgumentError(
+                    f"a flow end names at most {MAX_REQUIRED_KEYS} required keys",
+                    "INVALID_ID",
+                )
+            for key in done.requires_keys:
+                _check_key(key, "a required key")
+            finish = FlowFinish(
+                done.flow_id,
+                done.lease_token,
+                FlowStatus.COMPLETED,
+                result=result,
+                requires_keys=tuple(dict.fromkeys(done.requires_keys)),
+            )
             return FlowFinishIn(event.seq, finish)
         if kind == "flow_failed":
             failed = event.flow_failed

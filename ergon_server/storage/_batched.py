@@ -839,6 +839,14 @@ class FinishFlows(SimCommand[tuple[list[WriteOutcome], list[Satisfied]]]):
             for flow_id, state in sim.states.items()
             if state is not None and state.waited_on
         )
+        required = [
+            (finish.flow_id, key)
+            for command in commands
+            for finish in command.finishes
+            for key in finish.requires_keys
+        ]
+        # Step records come before a finish of the same flow in a batch, so this sees them.
+        recorded = await sim.journal_entries(required) if required else {}
         for command in commands:
             now_ms = command.now_ms
             outcomes: list[WriteOutcome] = []
@@ -849,6 +857,12 @@ class FinishFlows(SimCommand[tuple[list[WriteOutcome], list[Satisfied]]]):
                     outcomes.append(WriteOutcome.NOT_FOUND)
                 elif state.lease_token != finish.lease_token:
                     outcomes.append(WriteOutcome.LEASE_LOST)
+                elif state.status == "RUNNING" and not all(
+                    (entry := recorded.get((finish.flow_id, key))) is not None
+                    and entry.status.final
+                    for key in finish.requires_keys
+                ):
+                    outcomes.append(WriteOutcome.NOT_RECORDED)
                 elif state.status == "RUNNING":
                     outcomes.append(WriteOutcome.OK)
                     if state.cancel_requested:

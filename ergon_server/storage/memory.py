@@ -539,6 +539,11 @@ class MemoryStore:
                 outcomes.append(WriteOutcome.NOT_FOUND)
             elif flow.lease_token != finish.lease_token:
                 outcomes.append(WriteOutcome.LEASE_LOST)
+            elif flow.status is FlowStatus.RUNNING and not all(
+                (entry := flow.journal.get(key)) is not None and entry.status.final
+                for key in finish.requires_keys
+            ):
+                outcomes.append(WriteOutcome.NOT_RECORDED)
             elif flow.status is FlowStatus.RUNNING:
                 outcomes.append(WriteOutcome.OK)
                 if flow.cancel_requested:

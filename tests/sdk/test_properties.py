@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
 from hypothesis import HealthCheck, assume, given, settings
@@ -25,6 +26,7 @@ from ergon_worker_sdk import (
     FlowContext,
     HistoryMismatchError,
     JsonConverter,
+    LeaseLostError,
     NonRetryableError,
     PickleConverter,
     StepFailedError,
@@ -313,6 +315,8 @@ async def execute(
                 results.append(await invoke(instance, *op[0]))
             else:
                 results.append(await asyncio.gather(*(invoke(instance, n, a) for n, a in op)))
+        # As a worker does before it ends a flow: every result sent is stored.
+        await context.settle()
     finally:
         FlowContext.deactivate(token)
     return results, context, instance
@@ -404,3 +408,38 @@ def test_a_dropped_call_leaves_its_recorded_step_unreplayed(program: list[Op]) -
         assert instance.runs == {}
 
     asyncio.run(main())
+
+
+async def test_no_step_runs_on_a_result_the_server_has_not_stored() -> None:
+    """The flow's code runs on past an unacknowledged result; the next step's body does not."""
+    release = asyncio.Event()
+
+    async def refuse_after_release(event: worker_pb2.WorkerEvent) -> worker_pb2.Ack:
+        await release.wait()
+        raise LeaseLostError(grpc.StatusCode.FAILED_PRECONDITION, "LEASE_LOST", "gone")
+
+    context = FlowContext(
+        flow_id="prop-2",
+        flow_type="Program",
+        lease_token=1,
+        attempt=1,
+        journal=[],
+        converter=JsonConverter(),
+        recorder=refuse_after_release,
+        max_payload_bytes=1 << 20,
+    )
+    instance = Program()
+    token = context.activate()
+    try:
+        first = await instance.alpha(1)  # returns before the (slow) ack
+        assert first == Out("alpha", 1) and context.unacked_keys() == ["alpha#1"]
+        second = asyncio.ensure_future(instance.beta(2))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not second.done() and "beta" not in instance.runs
+        release.set()
+        with pytest.raises(LeaseLostError):
+            await second
+    finally:
+        FlowContext.deactivate(token)
+    assert instance.runs == {"alpha": 1}

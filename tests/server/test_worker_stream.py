@@ -115,6 +115,50 @@ async def test_stale_lease_tokens_are_refused_and_fresh_ones_accepted(
     call.cancel()
 
 
+async def test_a_flow_end_naming_unrecorded_steps_waits_for_them(
+    channel: grpc.aio.Channel,
+) -> None:
+    call: Call = worker_pb2_grpc.WorkerServiceStub(channel).Connect()
+    await call.write(register())
+    await read_events(call, "registered")
+    await schedule(channel, "raw-end")
+    (assignment,) = await read_events(call, "assignment")
+    token = assignment.assignment.lease_token
+    payload = common_pb2.Payload(encoding="json/plain", data=b"1")
+    done = worker_pb2.FlowCompleted(
+        flow_id="raw-end", lease_token=token, result=payload, requires_keys=["last#1"]
+    )
+    await call.write(event(seq=1, flow_completed=done))
+    (ack,) = await read_events(call, "ack")
+    assert (ack.ack.seq, ack.ack.code, ack.ack.reason) == (
+        1,
+        grpc.StatusCode.FAILED_PRECONDITION.value[0],
+        "STEP_NOT_RECORDED",
+    )
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+    flow = await stub.GetFlow(scheduler_pb2.GetFlowRequest(flow_id="raw-end"))
+    assert flow.flow.status == common_pb2.FLOW_STATUS_RUNNING
+    # The last result and the end in one message: both apply, the result first.
+    last = worker_pb2.StepResult(
+        flow_id="raw-end", lease_token=token, key="last#1", attempts=1, result=payload
+    )
+    await call.write(
+        worker_pb2.ConnectRequest(
+            events=[
+                worker_pb2.WorkerEvent(seq=2, step_result=last),
+                worker_pb2.WorkerEvent(seq=3, flow_completed=done),
+            ]
+        )
+    )
+    acks = await read_events(call, "ack", 2)
+    assert sorted((a.ack.seq, a.ack.code) for a in acks) == [(2, 0), (3, 0)]
+    flow = await stub.GetFlow(scheduler_pb2.GetFlowRequest(flow_id="raw-end"))
+    assert flow.flow.status == common_pb2.FLOW_STATUS_COMPLETED
+    history = await stub.GetFlowHistory(scheduler_pb2.GetFlowHistoryRequest(flow_id="raw-end"))
+    assert [e.key for e in history.entries] == ["last#1"]
+    call.cancel()
+
+
 async def test_capacity_is_never_exceeded_and_capacity_updates_apply(
     channel: grpc.aio.Channel,
 ) -> None:

@@ -520,6 +520,31 @@ async def test_finish_completed(store: Store) -> None:
     assert await finished(store, [], T0) == []
 
 
+async def test_finish_waits_for_the_step_results_it_requires(store: Store) -> None:
+    claimed = await claim_one(store, "f1")
+    token = claimed.lease_token
+    end = FlowFinish("f1", token, FlowStatus.COMPLETED, result=b"out", requires_keys=("a#1", "b#1"))
+    # Neither recorded, or one only as a retrying attempt: refused, nothing written.
+    assert await finished(store, [end], T0 + 10) == [WriteOutcome.NOT_RECORDED]
+    retrying = step(claimed, "b#1", EntryStatus.RETRYING, result=None, error=BOOM)
+    assert await store.record_steps([step(claimed, "a#1"), retrying], T0 + 11) == [OK, OK]
+    assert await finished(store, [end], T0 + 12) == [WriteOutcome.NOT_RECORDED]
+    record = await store.get_flow("f1")
+    assert record is not None and record.status is FlowStatus.RUNNING
+    # The missing result and the end submitted together (one group commit where the store
+    # has one): the result is recorded first, so the end applies.
+    recorded, outcomes = await asyncio.gather(
+        store.record_steps([step(claimed, "b#1")], T0 + 13), finished(store, [end], T0 + 13)
+    )
+    assert (recorded, outcomes) == ([OK], [OK])
+    record = await store.get_flow("f1")
+    assert record is not None
+    assert (record.status, record.result) == (FlowStatus.COMPLETED, b"out")
+    assert [e.key for e in await store.get_history("f1", 0, 10)] == ["a#1", "b#1"]
+    # Sent again (a lost ack), the end is the same answer.
+    assert await finished(store, [end], T0 + 14) == [OK]
+
+
 async def test_finish_failed(store: Store) -> None:
     claimed = await claim_one(store, "f1")
     failed = FlowFinish("f1", claimed.lease_token, FlowStatus.FAILED, error=BOOM)

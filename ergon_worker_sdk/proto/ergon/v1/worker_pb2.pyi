@@ -320,20 +320,30 @@ class FlowCompleted(_message.Message):
     FLOW_ID_FIELD_NUMBER: _builtins.int
     LEASE_TOKEN_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
+    REQUIRES_KEYS_FIELD_NUMBER: _builtins.int
     flow_id: _builtins.str
     lease_token: _builtins.int
     @_builtins.property
     def result(self) -> _common_pb2.Payload: ...
+    @_builtins.property
+    def requires_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Keys of step results sent before this event whose acks the worker has not seen yet. The
+        flow ends only if each is recorded; if one is not, the event is refused with
+        FAILED_PRECONDITION, reason STEP_NOT_RECORDED: wait for those acks, then send it again.
+        This lets a worker send its last step result and the flow's end in one message.
+        """
+
     def __init__(
         self,
         *,
         flow_id: _builtins.str = ...,
         lease_token: _builtins.int = ...,
         result: _common_pb2.Payload | None = ...,
+        requires_keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["flow_id", b"flow_id", "lease_token", b"lease_token", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flow_id", b"flow_id", "lease_token", b"lease_token", "requires_keys", b"requires_keys", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
