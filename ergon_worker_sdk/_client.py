@@ -152,6 +152,10 @@ class TlsConfig:
         return cls(read(ca_cert), read(client_cert), read(client_key), server_name)
 
 
+# The server's grpc.http2.min_recv_ping_interval_without_data_ms, in seconds.
+MIN_KEEPALIVE_S = 5.0
+
+
 class Client:
     """A connection to an Ergon server, for scheduling, reading, waiting, signalling, cancelling.
 
@@ -159,7 +163,11 @@ class Client:
     replicas) are used round-robin. Calls that fail with UNAVAILABLE are retried with backoff
     for up to `retry_timeout_s` (scheduling is idempotent through a request id). `token` is
     sent as a bearer token with every call; `tls` (a `TlsConfig`, or True for the system's
-    roots) switches to an encrypted channel.
+    roots) switches to an encrypted channel. While calls are open (a worker's stream, a long
+    `wait`), the channel pings the server every `keepalive_s` seconds and gives the connection
+    up if a ping goes unanswered for min(keepalive_s, 10) s, so a dead route (no reset, no
+    reply) fails the calls as UNAVAILABLE, which are retried, instead of hanging; None turns
+    that off. The server refuses pings more often than every 5 s.
     """
 
     def __init__(
@@ -172,7 +180,14 @@ class Client:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retry_timeout_s: float = 30.0,
+        keepalive_s: float | None = 30.0,
     ) -> None:
+        if keepalive_s is not None and keepalive_s < MIN_KEEPALIVE_S:
+            raise ValueError(
+                f"keepalive_s must be at least {MIN_KEEPALIVE_S} (the server refuses faster "
+                "pings), or None"
+            )
+        self.keepalive_s = keepalive_s
         self.address = address
         self.call_metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
@@ -199,6 +214,14 @@ class Client:
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1000),
             ]
+            if self.keepalive_s is not None:
+                options += [
+                    ("grpc.keepalive_time_ms", round(self.keepalive_s * 1000)),
+                    ("grpc.keepalive_timeout_ms", round(min(self.keepalive_s, 10.0) * 1000)),
+                    ("grpc.http2.max_pings_without_data", 0),
+                    # gRPC 1.85 gave up on an unanswered ping only with this one set too.
+                    ("grpc.http2.ping_timeout_ms", round(min(self.keepalive_s, 10.0) * 1000)),
+                ]
             if self.tls is None:
                 self._channel = grpc.aio.insecure_channel(target, options=options)
             else:

@@ -529,7 +529,10 @@ class Engine:
             jobs.append(self._park_flows(session, parks))
         for event in others:
             jobs.append(self._control(session, event))
-        await asyncio.gather(*jobs)
+        if len(jobs) == 1:
+            await jobs[0]  # the common case: no task to create, no loop turn to wait
+        else:
+            await asyncio.gather(*jobs)
 
     def _refuse(self, session: Session, seqs: Sequence[int], error: ErgonError) -> None:
         log.warning(
