@@ -198,10 +198,23 @@ class Worker:
                 log.debug("flow %s suspended until a wait is satisfied", flow_id)
         except RpcError as error:
             log.error("flow %s: the server refused its outcome: %s", flow_id, error)
+            self._give_back(flow_id, token)
+        except Exception:
+            log.exception("flow %s: the worker failed running it; giving it back", flow_id)
+            self._give_back(flow_id, token)
         finally:
             running = self._running.get(flow_id)
             if running is not None and running.lease_token == token:
                 del self._running[flow_id]
+
+    def _give_back(self, flow_id: str, lease_token: int) -> None:
+        # The flow stopped here without an end the server took: its lease would otherwise be
+        # renewed by this session's heartbeats forever. Released, it runs again elsewhere.
+        if self._stream is None:
+            return
+        release = worker_pb2.Release(flow_id=flow_id, lease_token=lease_token)
+        task = self._stream.request_soon(worker_pb2.WorkerEvent(release=release))
+        task.add_done_callback(_quiet)
 
     def _context(self, assignment: worker_pb2.Assignment) -> FlowContext:
         return FlowContext(
@@ -259,7 +272,16 @@ class Worker:
                 return
         finally:
             FlowContext.deactivate(token)
-        await self._complete(assignment, context, payload)
+        try:
+            await self._complete(assignment, context, payload)
+        except LeaseLostError:
+            raise
+        except RpcError as error:
+            # The server will not take this end (a result over its payload limit, say): the
+            # flow fails with that error rather than run again and again.
+            log.error("flow %s: the server refused its result: %s", assignment.flow_id, error)
+            await self._fail(assignment, error, error.reason, retry_delay_ms=0)
+            return
         self.flows_completed += 1
 
     async def _complete(
@@ -359,6 +381,12 @@ class Worker:
             await task
         self._stream = None
         self._stream_task = None
+
+
+def _quiet(task: asyncio.Task[worker_pb2.Ack]) -> None:
+    # A refused give-back (the lease moved on meanwhile) is what we wanted anyway.
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("giving a flow back was refused: %s", task.exception())
 
 
 class WorkerHandle:

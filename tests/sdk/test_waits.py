@@ -137,6 +137,8 @@ class Approval:
 
     @step
     async def pay(self, by: str) -> str:
+        # Held until the test has sent its extra signal, which must find the flow still open.
+        await GATE.setdefault("pay", asyncio.Event()).wait()
         return f"paid, approved by {by}"
 
     @flow
@@ -153,6 +155,7 @@ async def test_signals_are_buffered_and_consumed_in_order_each_once(client: Clie
     await eventually(lambda: _status(client, flow_id, FlowStatus.WAITING), what="waits for 2nd")
     await client.signal(flow_id, "approved", {"by": "bob", "approved": True})
     await client.signal(flow_id, "approved", {"by": "extra", "approved": True})
+    GATE.setdefault("pay", asyncio.Event()).set()
     outcome = await client.wait(flow_id, timeout=10)
     assert outcome.result == "paid, approved by ann+bob"
     history = await client.history(flow_id)
@@ -169,6 +172,7 @@ async def test_signals_are_buffered_and_consumed_in_order_each_once(client: Clie
 async def test_signal_with_schedule_starts_the_flow_and_delivers(
     server: ErgonTestServer, client: Client
 ) -> None:
+    GATE.setdefault("pay", asyncio.Event()).set()
     await start(client, Approval)
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = signal_pb2_grpc.SignalServiceStub(channel)

@@ -17,6 +17,7 @@ from ergon_worker_sdk import (
     flow_type,
     step,
 )
+from ergon_worker_sdk.testing import ErgonTestServer
 from tests.support.processes import eventually
 from tests.support.sdk import start
 
@@ -261,3 +262,38 @@ async def test_start_at_delays_the_flow(client: Client) -> None:
     outcome = await client.wait(flow_id, timeout=10)
     await handle.shutdown()
     assert outcome.completed_at is not None and outcome.completed_at >= start_at
+
+
+@dataclass
+@flow_type
+class BigResult:
+    size: int
+    in_step: bool
+
+    @step
+    async def make(self) -> str:
+        ran("make")
+        return "x" * (self.size if self.in_step else 1)
+
+    @flow
+    async def run(self) -> str:
+        made = await self.make()
+        return made if self.in_step else made * self.size
+
+
+@pytest.mark.parametrize("in_step", [True, False], ids=["step-result", "flow-result"])
+async def test_a_result_over_the_servers_payload_limit_fails_the_flow(in_step: bool) -> None:
+    """The worker allows more than the server takes: the refusal fails the flow, once, with its
+    reason, instead of leaving it held (and renewed) forever or running it again and again."""
+    async with (
+        ErgonTestServer(max_payload_bytes=1_000) as server,
+        server.client() as client,
+        Client(server.address, max_payload_bytes=1 << 20) as worker_client,
+    ):
+        _, handle = await start(worker_client, BigResult)
+        flow_id = await client.schedule(BigResult(5_000, in_step))
+        outcome = await client.wait(flow_id, timeout=20)
+        await handle.shutdown()
+    assert outcome.status is FlowStatus.FAILED and outcome.error is not None
+    assert outcome.error.reason == "PAYLOAD_TOO_LARGE", outcome.error
+    assert RUNS == {"make": 1}
