@@ -110,17 +110,41 @@ class MixedLoad:
         await asyncio.sleep(self.rng.uniform(0, self.signal_delay_s / 2))
         await self.client.signal(flow_id, "go", f"b{n}")
 
-    async def wait_all(self, within: float) -> None:
-        """Every signal sent (acknowledged) and every flow ended COMPLETED, right result."""
+    async def wait_all(self, within: float, store_url: str | None = None) -> None:
+        """Every signal sent (acknowledged) and every flow ended COMPLETED, right result.
+
+        Flows that have not ended in time are described (with their store rows when
+        `store_url` is given), so a stuck flow can be understood from the failure alone.
+        """
         await asyncio.gather(*self._senders)
         ids = list(self.expected)
-        outcomes = await asyncio.gather(*(self.client.wait(f, timeout=within) for f in ids))
+        try:
+            outcomes = await asyncio.gather(*(self.client.wait(f, timeout=within) for f in ids))
+        except TimeoutError:
+            raise AssertionError(await self._describe_unfinished(ids, store_url)) from None
         wrong = []
         for flow_id, outcome in zip(ids, outcomes, strict=True):
             want = self.expected[flow_id]
             if outcome.status is not FlowStatus.COMPLETED or outcome.result != _result(want):
                 wrong.append((flow_id, want, outcome.status, outcome.result, outcome.error))
         assert not wrong, f"{len(wrong)} flows ended wrong: {wrong[:3]}"
+
+    async def _describe_unfinished(self, ids: list[str], store_url: str | None) -> str:
+        records = await asyncio.gather(*(self.client.get(f) for f in ids))
+        stuck = [r for r in records if not r.status.terminal]
+        snap = await asyncio.to_thread(snapshot, store_url) if store_url else None
+        lines = [f"{len(stuck)} flows did not end:"]
+        for record in stuck[:5]:
+            history = await self.client.history(record.flow_id)
+            lines.append(
+                f"- {record.flow_id} {self.expected[record.flow_id]} status={record.status.name} "
+                f"attempt={record.attempt} journal={[(e.key, e.status) for e in history]}"
+            )
+            if snap is not None:
+                lines.append(f"  row={snap.flows.get(record.flow_id)}")
+                lines += [f"  wait={w}" for w in snap.waits if w["flow_id"] == record.flow_id]
+                lines += [f"  signal={g}" for g in snap.signals if g["flow_id"] == record.flow_id]
+        return "\n".join(lines)
 
     def verify(self, store_url: str, events: Path, faults: list[FaultPoint]) -> dict[str, int]:
         """The exact end-of-run checks; returns figures for the report."""

@@ -57,7 +57,7 @@ async def test_server_sigkilled_four_times_under_500_flows_loses_nothing(
                 await asyncio.sleep(rng.uniform(0.2, 1.5))
 
         await asyncio.gather(schedule(), kill())
-        await load.wait_all(within=120)
+        await load.wait_all(within=120, store_url=store_url)
     figures = load.verify(store_url, events, faults)
     # Each kill hit work in progress, and between them timers and signal waits were pending.
     assert all(point.unfinished > 0 for point in faults), [p.unfinished for p in faults]

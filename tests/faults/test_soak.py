@@ -83,7 +83,7 @@ async def test_soak_mixed_load_with_kills_then_whole_store_is_consistent(
                         counts["network drops"] += 1
 
             await asyncio.gather(schedule(), chaos())
-            await load.wait_all(within=300)
+            await load.wait_all(within=300, store_url=store_url)
     figures = load.verify(store_url, events, faults)
     assert sum(counts.values()) >= 3, counts
     print(f"soak {store_url.split(':')[0]}: {time.monotonic() - started:.0f}s, {counts}; {figures}")

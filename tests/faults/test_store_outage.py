@@ -86,7 +86,7 @@ async def test_postgres_restarted_under_load_the_server_recovers_by_itself(
                 await asyncio.to_thread(_pg, "start")
             outage = time.monotonic() - down_at
             await late
-            await load.wait_all(within=90)
+            await load.wait_all(within=90, store_url=store_url)
         figures = load.verify(store_url, events, faults)
         assert server.starts == 1 and server.process is not None
         assert server.process.poll() is None, "the server must ride the outage out, not die"
@@ -149,7 +149,7 @@ async def test_sqlite_disk_full_under_load_clients_get_unavailable_and_nothing_i
         finally:
             filler.unlink()
         await late
-        await load.wait_all(within=90)
+        await load.wait_all(within=90, store_url=store_url)
     figures = load.verify(store_url, events, faults)
     assert server.starts == 1 and server.process is not None and server.process.poll() is None
     assert "unavailable" in server.logs().lower()

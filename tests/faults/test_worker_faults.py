@@ -56,7 +56,7 @@ async def test_worker_sigkilled_under_load_its_flows_move_and_complete(
         }
         in_flight = victim_started - faults[0].snap.completed_steps
         held = {f for f, row in faults[0].snap.flows.items() if row["lease_owner"]}
-        await load.wait_all(within=60)
+        await load.wait_all(within=60, store_url=store_url)
     figures = load.verify(store_url, events, faults)
     victims_flows = {f for f, _ in in_flight}
     assert victims_flows, "the kill found no step in flight"
