@@ -259,10 +259,14 @@ class FlowContext:
                     )
                     elapsed_ms = round((time.perf_counter() - started) * 1000)
                     if retry:
-                        await self._record_step(key, digest, attempts, elapsed_ms, retrying=failure)
+                        await self._record(
+                            self._step_event(key, digest, attempts, elapsed_ms, retrying=failure)
+                        )
                         await asyncio.sleep(policy.delay_ms(attempts) / 1000)
                         continue
-                    await self._record_step(key, digest, attempts, elapsed_ms, failure=failure)
+                    await self._record(
+                        self._step_event(key, digest, attempts, elapsed_ms, failure=failure)
+                    )
                     raise StepFailedError(key, failure.type, failure.message) from error
                 finally:
                     _STEP.reset(scope)
@@ -290,21 +294,6 @@ class FlowContext:
                 f"step result is {size} bytes; the payload limit is {self.max_payload_bytes}"
             )
         return payload
-
-    async def _record_step(
-        self,
-        key: str,
-        digest: str,
-        attempts: int,
-        duration_ms: int,
-        *,
-        failure: common_pb2.Failure | None = None,
-        retrying: common_pb2.Failure | None = None,
-    ) -> None:
-        event = self._step_event(
-            key, digest, attempts, duration_ms, failure=failure, retrying=retrying
-        )
-        await self._record(event)
 
     def _step_event(
         self,

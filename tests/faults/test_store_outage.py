@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ergon_worker_sdk import Client, ServerUnavailableError
-from tests.faults.conftest import Processes
+from tests.faults.conftest import Processes, skip_or_fail
 from tests.faults.load import FaultPoint, MixedLoad, fault_point
 from tests.support.postgres import temporary_database_sync
 from tests.support.processes import eventually, read_events
@@ -43,7 +43,7 @@ def _pg_online() -> bool:
 def local_postgres() -> Iterator[None]:
     """The machine's PostgreSQL 15 cluster, which the test may stop: it is always restarted."""
     if shutil.which("pg_ctlcluster") is None or os.geteuid() != 0 or not _pg_online():
-        pytest.skip("needs root and the local PostgreSQL 15 cluster 'main' running")
+        skip_or_fail("needs root and the local PostgreSQL 15 cluster 'main' running")
     try:
         yield
     finally:
@@ -103,7 +103,7 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
         capture_output=True,
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+        skip_or_fail(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         yield mount_point
     finally:
