@@ -156,6 +156,11 @@ class FlowContext:
         self._inflight = 0
         self._activity = 0
         self._suspending = False
+        # Set while no suspend is in flight. A suspend cancels the flow's open waits it does not
+        # name, so a wait registered meanwhile could be cancelled by it (when a store outage
+        # made the suspend go again after the new wait): new waits wait for its answer.
+        self._no_suspend_in_flight = asyncio.Event()
+        self._no_suspend_in_flight.set()
         self._background: set[asyncio.Task[None]] = set()
         self.suspended = False
         self.cancel_requested = CANCEL_KEY in self._entries
@@ -383,6 +388,7 @@ class FlowContext:
             self._boundary()
         if self._unacked:
             await self.settle()
+        await self._no_suspend_in_flight.wait()
         request = worker_pb2.WaitRequest(
             flow_id=self.flow_id, lease_token=self.lease_token, key=key
         )
@@ -468,9 +474,16 @@ class FlowContext:
         ):
             return
         self._suspending = True
+        self._no_suspend_in_flight.clear()
         self._spawn(self._suspend(tuple(self._open)))
 
     async def _suspend(self, open_keys: tuple[str, ...]) -> None:
+        try:
+            await self._send_suspend(open_keys)
+        finally:
+            self._no_suspend_in_flight.set()
+
+    async def _send_suspend(self, open_keys: tuple[str, ...]) -> None:
         suspend = worker_pb2.Suspend(
             flow_id=self.flow_id, lease_token=self.lease_token, open_keys=open_keys
         )

@@ -30,10 +30,12 @@ from ergon_worker_sdk import (
     NonRetryableError,
     PickleConverter,
     StepFailedError,
+    await_external_signal,
     flow,
     flow_type,
     step,
 )
+from ergon_worker_sdk._context import SETTLE_S
 from ergon_worker_sdk.proto.ergon.v1 import common_pb2, worker_pb2
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -443,3 +445,58 @@ async def test_no_step_runs_on_a_result_the_server_has_not_stored() -> None:
     finally:
         FlowContext.deactivate(token)
     assert instance.runs == {"alpha": 1}
+
+
+async def test_a_new_wait_is_not_sent_while_a_suspend_is_in_flight() -> None:
+    """A suspend cancels the open waits it does not name. If a wait registered after it could
+    overtake it (the suspend sent again after a store outage, say), the suspend would cancel
+    that newer wait and the flow would sleep forever: so new waits wait for its answer."""
+    sent: list[str] = []
+    suspend_answer = asyncio.Event()
+
+    async def recorder(event: worker_pb2.WorkerEvent) -> worker_pb2.Ack:
+        kind = event.WhichOneof("event")
+        if kind == "wait":
+            sent.append(f"wait {event.wait.key}")
+            return worker_pb2.Ack()
+        assert kind == "suspend", event
+        sent.append(f"suspend {list(event.suspend.open_keys)}")
+        await suspend_answer.wait()  # slow: the store is down, the SDK keeps sending it
+        sent.append("suspend answered")
+        return worker_pb2.Ack()  # not suspended: the server found go#1 satisfied
+
+    context = FlowContext(
+        flow_id="prop-3",
+        flow_type="Program",
+        lease_token=1,
+        attempt=1,
+        journal=[],
+        converter=JsonConverter(),
+        recorder=recorder,
+        max_payload_bytes=1 << 20,
+    )
+
+    async def body() -> list[Any]:
+        return [await await_external_signal("go"), await await_external_signal("go")]
+
+    token = context.activate()
+    try:
+        flow_task = asyncio.ensure_future(body())
+    finally:
+        FlowContext.deactivate(token)
+    await asyncio.sleep(SETTLE_S * 4)  # go#1 registered, then the flow tries to suspend
+    assert sent == ["wait signal:go#1", "suspend ['signal:go#1']"]
+    context.on_wakeup(
+        common_pb2.JournalEntry(
+            key="signal:go#1",
+            kind=common_pb2.ENTRY_KIND_SIGNAL,
+            status=common_pb2.ENTRY_STATUS_COMPLETED,
+            result=JsonConverter().to_payload("a"),
+        )
+    )
+    await asyncio.sleep(SETTLE_S * 4)
+    assert sent[-1] == "suspend ['signal:go#1']", "go#2 went out while the suspend was in flight"
+    suspend_answer.set()
+    await asyncio.sleep(SETTLE_S * 4)
+    assert sent[2:4] == ["suspend answered", "wait signal:go#2"]
+    flow_task.cancel()
