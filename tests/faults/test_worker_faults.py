@@ -50,6 +50,9 @@ async def test_worker_sigkilled_under_load_its_flows_move_and_complete(
         await eventually(lambda: _done_by(events, "victim") >= 3, what="victim at work")
         await eventually(lambda: _busy(events, "victim") >= 5, what="victim busy")
         victim.kill()
+        # What the victim sent before it died (a step's result, a flow's end riding with its
+        # last result) is stored in the next moment: look after that, well within the lease.
+        await asyncio.sleep(0.5)
         faults.append(await asyncio.to_thread(fault_point, "victim killed", store_url, events))
         victim_started = {
             (e[1], e[2]) for e in read_events(events) if e[0] == "step-start" and e[3] == "victim"
