@@ -79,6 +79,10 @@ def _observe(task: asyncio.Task[worker_pb2.Ack]) -> None:
         task.exception()
 
 
+def _stored(task: asyncio.Task[worker_pb2.Ack]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
+
+
 def current_context() -> FlowContext | None:
     """The context of the flow running in this task, or None outside flows."""
     return _CURRENT.get()
@@ -329,8 +333,8 @@ class FlowContext:
         return worker_pb2.WorkerEvent(step_result=step_result)
 
     def unacked_keys(self) -> list[str]:
-        """Keys of step results sent whose acks have not come back yet."""
-        return [key for key, task in self._unacked.items() if not task.done()]
+        """Keys of step results sent and not (yet) acknowledged as stored."""
+        return [key for key, task in self._unacked.items() if not _stored(task)]
 
     async def settle(self) -> None:
         """Wait until every step result sent is stored.

@@ -267,33 +267,42 @@ async def test_start_at_delays_the_flow(client: Client) -> None:
 @dataclass
 @flow_type
 class BigResult:
-    size: int
-    in_step: bool
+    step_size: int
+    flow_size: int
 
     @step
     async def make(self) -> str:
         ran("make")
-        return "x" * (self.size if self.in_step else 1)
+        return "x" * self.step_size
 
     @flow
     async def run(self) -> str:
         made = await self.make()
-        return made if self.in_step else made * self.size
+        return made[:1] * self.flow_size
 
 
-@pytest.mark.parametrize("in_step", [True, False], ids=["step-result", "flow-result"])
-async def test_a_result_over_the_servers_payload_limit_fails_the_flow(in_step: bool) -> None:
+@pytest.mark.parametrize(
+    ("step_size", "flow_size"),
+    [(5_000, 5_000), (5_000, 1), (1, 5_000)],
+    ids=["both-results", "step-result", "flow-result"],
+)
+async def test_a_result_over_the_servers_payload_limit_fails_the_flow(
+    step_size: int, flow_size: int
+) -> None:
     """The worker allows more than the server takes: the refusal fails the flow, once, with its
-    reason, instead of leaving it held (and renewed) forever or running it again and again."""
+    reason, instead of leaving it held (and renewed) forever, running it again and again, or
+    completing it without the step's result."""
     async with (
         ErgonTestServer(max_payload_bytes=1_000) as server,
         server.client() as client,
         Client(server.address, max_payload_bytes=1 << 20) as worker_client,
     ):
         _, handle = await start(worker_client, BigResult)
-        flow_id = await client.schedule(BigResult(5_000, in_step))
+        flow_id = await client.schedule(BigResult(step_size, flow_size))
         outcome = await client.wait(flow_id, timeout=20)
+        history = await client.history(flow_id)
         await handle.shutdown()
     assert outcome.status is FlowStatus.FAILED and outcome.error is not None
     assert outcome.error.reason == "PAYLOAD_TOO_LARGE", outcome.error
     assert RUNS == {"make": 1}
+    assert [e.key for e in history] == ([] if step_size > 1_000 else ["make#1"])
