@@ -298,12 +298,15 @@ class WaitResult:
 class SuspendRequest:
     """A flow whose every branch waits gives its slot back, fenced.
 
-    `open_keys` are the waits it still waits for; its other open waits are cancelled.
+    `open_keys` are the waits it still waits for; `abandoned_keys` are waits it registered and
+    no longer waits for, which are cancelled. Other open waits are left alone: a wait
+    registered after the suspend was sent (that overtook it) must not be cancelled by it.
     """
 
     flow_id: str
     lease_token: int
     open_keys: tuple[str, ...]
+    abandoned_keys: tuple[str, ...] = ()
 
 
 class SuspendOutcome(enum.Enum):

@@ -79,6 +79,10 @@ def _observe(task: asyncio.Task[worker_pb2.Ack]) -> None:
         task.exception()
 
 
+def _resolved(future: asyncio.Future[common_pb2.JournalEntry]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
 def _stored(task: asyncio.Task[worker_pb2.Ack]) -> bool:
     return task.done() and not task.cancelled() and task.exception() is None
 
@@ -155,6 +159,8 @@ class FlowContext:
         self._open: dict[str, asyncio.Future[common_pb2.JournalEntry]] = {}
         self._step_waits: dict[str, asyncio.Future[common_pb2.JournalEntry]] = {}
         self._wait_requests: dict[str, worker_pb2.WaitRequest] = {}
+        # Flow-level waits registered and then given up, not yet reported in a suspend.
+        self._abandoned: set[str] = set()
         # Step results sent whose acks have not come back, by key (see `settle`).
         self._unacked: dict[str, asyncio.Task[worker_pb2.Ack]] = {}
         self._inflight = 0
@@ -426,6 +432,9 @@ class FlowContext:
         finally:
             waits.pop(key, None)
             self._wait_requests.pop(key, None)
+            if not in_step and not _resolved(future):
+                # Given up (the loser of a race): the next suspend has the server cancel it.
+                self._abandoned.add(key)
         return self._satisfied(entry)
 
     def _satisfied(self, entry: common_pb2.JournalEntry) -> common_pb2.JournalEntry:
@@ -488,8 +497,12 @@ class FlowContext:
             self._no_suspend_in_flight.set()
 
     async def _send_suspend(self, open_keys: tuple[str, ...]) -> None:
+        abandoned = sorted(self._abandoned)
         suspend = worker_pb2.Suspend(
-            flow_id=self.flow_id, lease_token=self.lease_token, open_keys=open_keys
+            flow_id=self.flow_id,
+            lease_token=self.lease_token,
+            open_keys=open_keys,
+            abandoned_keys=abandoned,
         )
         try:
             # A suspended flow is no longer RUNNING: step results after it would be refused.
@@ -504,6 +517,7 @@ class FlowContext:
             log.warning("flow %s: suspend refused: %s", self.flow_id, error)
             self._suspending = False
             return
+        self._abandoned.difference_update(abandoned)
         if ack.suspended:
             self.suspended = True
             if self.task is not None:

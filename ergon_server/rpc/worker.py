@@ -275,8 +275,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             _check_lease(suspend.flow_id, suspend.lease_token)
             if not suspend.open_keys:
                 raise InvalidArgumentError("a suspend names the waits it waits for", "NO_WAITS")
+            for key in (*suspend.open_keys, *suspend.abandoned_keys):
+                _check_key(key, "a suspend")
             request = SuspendRequest(
-                suspend.flow_id, suspend.lease_token, tuple(dict.fromkeys(suspend.open_keys))
+                suspend.flow_id,
+                suspend.lease_token,
+                tuple(dict.fromkeys(suspend.open_keys)),
+                tuple(dict.fromkeys(suspend.abandoned_keys)),
             )
             return SuspendIn(event.seq, request)
         if kind == "park":

@@ -1069,9 +1069,9 @@ class SuspendFlows(SimCommand[tuple[list[SuspendResult], list[Satisfied]]]):
                 continue
             keys = unique(request.open_keys)
             await sim.load_open_waits(flow_id)
-            wanted = set(keys)
+            abandoned = set(request.abandoned_keys) - set(keys)
             for (owner, key), wait in list(sim.waits.items()):
-                if owner == flow_id and wait.status == OPEN and key not in wanted:
+                if owner == flow_id and wait.status == OPEN and key in abandoned:
                     sim.set_wait(flow_id, key, wait, CANCELLED)
             found = await sim.journal_entries([(flow_id, key) for key in keys])
             for key in keys:
@@ -1615,8 +1615,9 @@ class BatchedStore:
     ) -> tuple[list[SuspendResult], list[Satisfied]]:
         """Let flows whose every branch waits give their slot back, fenced.
 
-        The open waits not in `open_keys` are cancelled whatever the answer. RESUME carries
-        the entries of `open_keys` in journal order.
+        The open waits in `abandoned_keys` (not in `open_keys`) are cancelled whatever the
+        answer; other open waits are left alone. RESUME carries the entries of `open_keys` in
+        journal order.
         """
         return await self._submit(
             self._commands.suspend_flows(self._future(), list(requests), now_ms)

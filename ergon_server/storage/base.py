@@ -212,7 +212,8 @@ class Store(Protocol):
     ) -> tuple[list[SuspendResult], list[Satisfied]]:
         """Let flows whose every branch waits give their slot back, fenced.
 
-        The flow's open waits not in `open_keys` are cancelled. If any key in `open_keys` has a
+        The flow's open waits in `abandoned_keys` (not in `open_keys`) are cancelled; its other
+        open waits are left alone. If any key in `open_keys` has a
         journal entry, the answer is RESUME with those entries and nothing else changes.
         Otherwise a flow with `cancel_requested` ends CANCELLED (as `finish_flows` would end
         it); any other becomes WAITING with its lease cleared (SUSPENDED).

@@ -810,8 +810,9 @@ class MemoryStore:
     ) -> tuple[list[SuspendResult], list[Satisfied]]:
         """Let flows whose every branch waits give their slot back, fenced.
 
-        The open waits not in `open_keys` are cancelled whatever the answer. RESUME carries
-        the entries of `open_keys` in journal order.
+        The open waits in `abandoned_keys` (and not in `open_keys`) are cancelled whatever the
+        answer; other open waits are left alone. RESUME carries the entries of `open_keys` in
+        journal order.
         """
         self._check_open()
         results: list[SuspendResult] = []
@@ -825,8 +826,9 @@ class MemoryStore:
                 results.append(SuspendResult(SuspendOutcome.LEASE_LOST))
                 continue
             keys = set(request.open_keys)
+            abandoned = set(request.abandoned_keys) - keys
             for wait in flow.waits.values():
-                if wait.status == OPEN and wait.key not in keys:
+                if wait.status == OPEN and wait.key in abandoned:
                     wait.status = CANCELLED
             entries = sorted(
                 (flow.journal[key] for key in keys if key in flow.journal),

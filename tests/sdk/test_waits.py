@@ -445,3 +445,39 @@ async def test_gather_over_steps_children_and_timers_replays_deterministically(
     assert outcome.result == [9, 16]
     keys = sorted(e.key for e in await client.history(flow_id))
     assert keys == ["child:Pack#1", "square#1", "square#2", "timer#1"]
+
+
+@dataclass
+@flow_type
+class Race:
+    """A signal raced against a timer; the loser is given up, then the flow waits again."""
+
+    timer_s: float
+
+    @flow
+    async def run(self) -> str:
+        ran("run")
+        signal = asyncio.ensure_future(await_external_signal("first"))
+        timer = asyncio.ensure_future(schedule_timer(self.timer_s))
+        done, pending = await asyncio.wait({signal, timer}, return_when=asyncio.FIRST_COMPLETED)
+        for loser in pending:
+            loser.cancel()
+        winner = "signal" if signal in done else "timer"
+        second = await await_external_signal("second")
+        return f"{winner}:{second}"
+
+
+async def test_a_given_up_wait_does_not_wake_the_suspended_flow(client: Client) -> None:
+    _, handle = await start(client, Race)
+    flow_id = await client.schedule(Race(0.5))
+    await client.signal(flow_id, "first", "a")
+    await eventually(lambda: _status(client, flow_id, FlowStatus.WAITING), what="waits again")
+    runs = RUNS["run"]
+    # The lost timer's time passes: named as given up in the suspend, it was cancelled, so it
+    # does not wake (and replay) the sleeping flow.
+    await asyncio.sleep(1.0)
+    assert RUNS["run"] == runs and await _status(client, flow_id, FlowStatus.WAITING)
+    await client.signal(flow_id, "second", "b")
+    outcome = await client.wait(flow_id, timeout=10)
+    await handle.shutdown()
+    assert outcome.result == "signal:b"

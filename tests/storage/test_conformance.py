@@ -1135,7 +1135,9 @@ class _WaitOps:
             for _ in range(rng.randrange(1, 3)):
                 flow_id = self.flow_id()
                 keys = tuple(rng.sample(self.KEYS, rng.randrange(0, 3)))
-                requests.append(SuspendRequest(flow_id, self.token(flow_id), keys))
+                # The first key not waited for is given up (no draw: the sequence stays).
+                abandoned = tuple(k for k in self.KEYS if k not in keys)[:1]
+                requests.append(SuspendRequest(flow_id, self.token(flow_id), keys, abandoned))
             return lambda store: store.suspend_flows(requests, now)
         if choice == 12:
             limit = rng.randrange(1, 4)

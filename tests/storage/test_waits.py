@@ -78,8 +78,8 @@ def child_wait(claimed: ClaimedFlow, key: str, child: NewFlow) -> WaitRequest:
     return WaitRequest(claimed.flow_id, claimed.lease_token, key, EntryKind.CHILD, child=child)
 
 
-def suspend(claimed: ClaimedFlow, *keys: str) -> SuspendRequest:
-    return SuspendRequest(claimed.flow_id, claimed.lease_token, keys)
+def suspend(claimed: ClaimedFlow, *keys: str, abandoned: tuple[str, ...] = ()) -> SuspendRequest:
+    return SuspendRequest(claimed.flow_id, claimed.lease_token, keys, abandoned)
 
 
 def entry(
@@ -366,8 +366,8 @@ async def test_signal_wakes_a_waiting_flow(store: Store) -> None:
 async def test_cancelled_signal_wait_does_not_consume(store: Store) -> None:
     claimed = await claim_one(store, "f1")
     await store.register_waits([signal_wait(claimed, "s", "go"), timer(claimed, "t", T0 + 100)], T0)
-    # The flow now waits only for the timer: the signal wait is cancelled.
-    assert (await store.suspend_flows([suspend(claimed, "t")], T0))[0] == [
+    # The flow now waits only for the timer and gave the signal wait up: it is cancelled.
+    assert (await store.suspend_flows([suspend(claimed, "t", abandoned=("s",))], T0))[0] == [
         SuspendResult(SuspendOutcome.SUSPENDED)
     ]
     assert await store.send_signal("f1", "go", b"kept", "", T0 + 1) == SignalResult(
@@ -435,9 +435,15 @@ async def test_suspend_resumes_when_a_wait_is_already_satisfied(store: Store) ->
         claimed.lease_token,
         "s1",
     )
-    # The long timer is still open; suspending without it cancels it.
+    # The long timer is still open. A suspend that does not name it leaves it alone (it may
+    # have overtaken the wait's registration); one that names it abandoned cancels it.
     assert await store.next_timer_at() == T0 + 1_000
     results, _ = await store.suspend_flows([suspend(claimed, "short")], T0 + 30)
+    assert results[0].outcome is SuspendOutcome.RESUME
+    assert await store.next_timer_at() == T0 + 1_000
+    results, _ = await store.suspend_flows(
+        [suspend(claimed, "short", abandoned=("long",))], T0 + 31
+    )
     assert results[0].outcome is SuspendOutcome.RESUME
     assert await store.next_timer_at() is None
     assert await store.fire_timers(T0 + 2_000, 10) == []
@@ -597,7 +603,7 @@ async def test_cancelled_child_wait_gets_its_entry_without_waking(store: Store) 
         [child_wait(parent, "c", child()), timer(parent, "t", T0 + 1_000)], T0
     )
     # The parent stops waiting for the child.
-    await store.suspend_flows([suspend(parent, "t")], T0)
+    await store.suspend_flows([suspend(parent, "t", abandoned=("c",))], T0)
     kid = await claim_child(store, "child", T0)
     done = FlowFinish("child", kid.lease_token, FlowStatus.COMPLETED, result=b"late")
     assert await store.finish_flows([done], T0 + 1) == ([OK], [])

@@ -740,20 +740,30 @@ class Suspend(_message.Message):
     FLOW_ID_FIELD_NUMBER: _builtins.int
     LEASE_TOKEN_FIELD_NUMBER: _builtins.int
     OPEN_KEYS_FIELD_NUMBER: _builtins.int
+    ABANDONED_KEYS_FIELD_NUMBER: _builtins.int
     flow_id: _builtins.str
     lease_token: _builtins.int
     @_builtins.property
-    def open_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def open_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The waits the flow waits for; if one is already satisfied the flow resumes instead."""
+
+    @_builtins.property
+    def abandoned_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Waits the flow registered and no longer waits for (the losers of a race, say): the server
+        cancels them, so they cannot wake the flow. Other open waits are left alone.
+        """
+
     def __init__(
         self,
         *,
         flow_id: _builtins.str = ...,
         lease_token: _builtins.int = ...,
         open_keys: _abc.Iterable[_builtins.str] | None = ...,
+        abandoned_keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["flow_id", b"flow_id", "lease_token", b"lease_token", "open_keys", b"open_keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abandoned_keys", b"abandoned_keys", "flow_id", b"flow_id", "lease_token", b"lease_token", "open_keys", b"open_keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
