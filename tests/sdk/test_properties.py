@@ -286,6 +286,22 @@ class MemoryJournal:
         return worker_pb2.Ack()
 
 
+def make_context(
+    recorder: Any, flow_id: str, journal: list[common_pb2.JournalEntry] | None = None
+) -> FlowContext:
+    """A flow context on lease 1 whose events go to `recorder`."""
+    return FlowContext(
+        flow_id=flow_id,
+        flow_type="Program",
+        lease_token=1,
+        attempt=1,
+        journal=list(journal or []),
+        converter=JsonConverter(),
+        recorder=recorder,
+        max_payload_bytes=1 << 20,
+    )
+
+
 async def invoke(instance: Program, name: str, arg: int) -> Any:
     try:
         if name == "gamma":
@@ -298,16 +314,7 @@ async def invoke(instance: Program, name: str, arg: int) -> Any:
 async def execute(
     program: list[Op], journal: MemoryJournal
 ) -> tuple[list[Any], FlowContext, Program]:
-    context = FlowContext(
-        flow_id="prop-1",
-        flow_type="Program",
-        lease_token=1,
-        attempt=1,
-        journal=list(journal.entries),
-        converter=JsonConverter(),
-        recorder=journal.record,
-        max_payload_bytes=1 << 20,
-    )
+    context = make_context(journal.record, "prop-1", journal.entries)
     instance = Program()
     token = context.activate()
     try:
@@ -420,16 +427,7 @@ async def test_no_step_runs_on_a_result_the_server_has_not_stored() -> None:
         await release.wait()
         raise LeaseLostError(grpc.StatusCode.FAILED_PRECONDITION, "LEASE_LOST", "gone")
 
-    context = FlowContext(
-        flow_id="prop-2",
-        flow_type="Program",
-        lease_token=1,
-        attempt=1,
-        journal=[],
-        converter=JsonConverter(),
-        recorder=refuse_after_release,
-        max_payload_bytes=1 << 20,
-    )
+    context = make_context(refuse_after_release, "prop-2")
     instance = Program()
     token = context.activate()
     try:
@@ -465,16 +463,7 @@ async def test_a_new_wait_is_not_sent_while_a_suspend_is_in_flight() -> None:
         sent.append("suspend answered")
         return worker_pb2.Ack()  # not suspended: the server found go#1 satisfied
 
-    context = FlowContext(
-        flow_id="prop-3",
-        flow_type="Program",
-        lease_token=1,
-        attempt=1,
-        journal=[],
-        converter=JsonConverter(),
-        recorder=recorder,
-        max_payload_bytes=1 << 20,
-    )
+    context = make_context(recorder, "prop-3")
 
     async def body() -> list[Any]:
         return [await await_external_signal("go"), await await_external_signal("go")]
