@@ -73,18 +73,15 @@ class _StepScope:
     counters: dict[str, int] = field(default_factory=dict)
 
 
-def _observe(task: asyncio.Task[worker_pb2.Ack]) -> None:
-    # A refusal is raised by `settle`; one nobody settles (the flow was dropped) is not news.
-    if not task.cancelled():
-        task.exception()
-
-
-def _resolved(future: asyncio.Future[common_pb2.JournalEntry]) -> bool:
+def succeeded(future: asyncio.Future[Any]) -> bool:
+    """Whether a future ended with a value: not cancelled, not failed, not pending."""
     return future.done() and not future.cancelled() and future.exception() is None
 
 
-def _stored(task: asyncio.Task[worker_pb2.Ack]) -> bool:
-    return task.done() and not task.cancelled() and task.exception() is None
+def ignore_refusal(task: asyncio.Task[worker_pb2.Ack]) -> None:
+    """Done-callback for an event nobody awaits: its refusal is logged, not left unretrieved."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("worker event refused: %s", task.exception())
 
 
 def current_context() -> FlowContext | None:
@@ -291,7 +288,7 @@ class FlowContext:
                 # Anything with an effect (the next step's body, a wait, the flow's end) waits
                 # for the ack first (`settle`), so no step ever runs on an unrecorded result.
                 task = asyncio.ensure_future(self._record(event))
-                task.add_done_callback(_observe)
+                task.add_done_callback(ignore_refusal)
                 self._unacked[key] = task
                 # The flow gets the decoded value, exactly as a replay would give it.
                 return self.converter.from_payload(payload, definition.return_hint)
@@ -340,7 +337,7 @@ class FlowContext:
 
     def unacked_keys(self) -> list[str]:
         """Keys of step results sent and not (yet) acknowledged as stored."""
-        return [key for key, task in self._unacked.items() if not _stored(task)]
+        return [key for key, task in self._unacked.items() if not succeeded(task)]
 
     async def settle(self) -> None:
         """Wait until every step result sent is stored.
@@ -432,7 +429,7 @@ class FlowContext:
         finally:
             waits.pop(key, None)
             self._wait_requests.pop(key, None)
-            if not in_step and not _resolved(future):
+            if not in_step and not succeeded(future):
                 # Given up (the loser of a race): the next suspend has the server cancel it.
                 self._abandoned.add(key)
         return self._satisfied(entry)

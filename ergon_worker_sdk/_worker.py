@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ergon_worker_sdk._client import Client
-from ergon_worker_sdk._context import FlowContext, failure_from_exception
+from ergon_worker_sdk._context import FlowContext, failure_from_exception, ignore_refusal
 from ergon_worker_sdk._definitions import FlowTypeDefinition, RetryPolicy, flow_type_definition
 from ergon_worker_sdk._session import WorkerStream
 from ergon_worker_sdk.converter import construct_dataclass
@@ -214,7 +214,8 @@ class Worker:
             return
         release = worker_pb2.Release(flow_id=flow_id, lease_token=lease_token)
         task = self._stream.request_soon(worker_pb2.WorkerEvent(release=release))
-        task.add_done_callback(_quiet)
+        # A refused give-back (the lease moved on meanwhile) is what we wanted anyway.
+        task.add_done_callback(ignore_refusal)
 
     def _context(self, assignment: worker_pb2.Assignment) -> FlowContext:
         return FlowContext(
@@ -381,12 +382,6 @@ class Worker:
             await task
         self._stream = None
         self._stream_task = None
-
-
-def _quiet(task: asyncio.Task[worker_pb2.Ack]) -> None:
-    # A refused give-back (the lease moved on meanwhile) is what we wanted anyway.
-    if not task.cancelled() and task.exception() is not None:
-        log.debug("giving a flow back was refused: %s", task.exception())
 
 
 class WorkerHandle:

@@ -7,7 +7,7 @@ import contextlib
 import functools
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -63,8 +63,9 @@ REGISTER_TIMEOUT_S = 30.0
 # Lease tokens are stored as signed 64-bit integers: a larger one was never given out.
 MAX_LEASE_TOKEN = 2**63 - 1
 MAX_KEY_LENGTH = 512
-# Step results a worker may have in flight when it ends a flow: its parallel steps, at most.
-MAX_REQUIRED_KEYS = 10_000
+# Keys one event may list (required step results, open or given-up waits): a flow's parallel
+# branches, at most.
+MAX_LISTED_KEYS = 10_000
 Requests = AsyncIterator[worker_pb2.ConnectRequest | Undecodable]
 
 
@@ -85,6 +86,15 @@ def _check_key(key: str, what: str) -> None:
             "not starting with '$'",
             "INVALID_ID",
         )
+
+
+def _keys(keys: Sequence[str], what: str) -> tuple[str, ...]:
+    """Checked journal keys, first occurrence of each, in order."""
+    if len(keys) > MAX_LISTED_KEYS:
+        raise InvalidArgumentError(f"{what} lists at most {MAX_LISTED_KEYS} keys", "INVALID_ID")
+    for key in keys:
+        _check_key(key, what)
+    return tuple(dict.fromkeys(keys))
 
 
 def _check_delay(delay_ms: int, what: str, reason: str, now_ms: int) -> None:
@@ -232,19 +242,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             done = event.flow_completed
             _check_lease(done.flow_id, done.lease_token)
             result = convert.payload_bytes(done.result, limit, "the flow result", check_json=False)
-            if len(done.requires_keys) > MAX_REQUIRED_KEYS:
-                raise InvalidArgumentError(
-                    f"a flow end names at most {MAX_REQUIRED_KEYS} required keys",
-                    "INVALID_ID",
-                )
-            for key in done.requires_keys:
-                _check_key(key, "a required key")
             finish = FlowFinish(
                 done.flow_id,
                 done.lease_token,
                 FlowStatus.COMPLETED,
                 result=result,
-                requires_keys=tuple(dict.fromkeys(done.requires_keys)),
+                requires_keys=_keys(done.requires_keys, "a flow end's required keys"),
             )
             return FlowFinishIn(event.seq, finish)
         if kind == "flow_failed":
@@ -275,13 +278,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             _check_lease(suspend.flow_id, suspend.lease_token)
             if not suspend.open_keys:
                 raise InvalidArgumentError("a suspend names the waits it waits for", "NO_WAITS")
-            for key in (*suspend.open_keys, *suspend.abandoned_keys):
-                _check_key(key, "a suspend")
             request = SuspendRequest(
                 suspend.flow_id,
                 suspend.lease_token,
-                tuple(dict.fromkeys(suspend.open_keys)),
-                tuple(dict.fromkeys(suspend.abandoned_keys)),
+                _keys(suspend.open_keys, "a suspend's open keys"),
+                _keys(suspend.abandoned_keys, "a suspend's given-up keys"),
             )
             return SuspendIn(event.seq, request)
         if kind == "park":
