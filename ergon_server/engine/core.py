@@ -590,7 +590,11 @@ class Engine:
         for event, outcome in zip(events, outcomes, strict=True):
             finish = event.finish
             if outcome is WriteOutcome.OK:
-                self.dispatcher.forget(finish.flow_id, finish.lease_token)
+                self.dispatcher.forget(
+                    finish.flow_id,
+                    finish.lease_token,
+                    ended=finish.status is FlowStatus.COMPLETED,
+                )
                 self._notify(finish.flow_id)
                 ended = "retried" if finish.retry_delay_ms > 0 else finish.status.value.lower()
                 self.metrics.flows_finished.labels(ended).inc()

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 
 from ergon_server.clock import Clock
 from ergon_server.engine.config import EngineConfig
@@ -36,6 +36,9 @@ class Dispatcher:
         # flow_id -> the live session of this server that holds its lease.
         self._owners: dict[str, Session] = {}
         self._wake = asyncio.Event()
+        # Sessions whose last claim found less work than they had room for: freeing room in
+        # one does not call for a pass (any new work comes with its own wake).
+        self._starved: set[str] = set()
         self._tracer = Tracer("ergon_server")
         self.dispatched_total = 0
 
@@ -68,8 +71,14 @@ class Dispatcher:
         session.held[flow_id] = lease_token
         self._owners[flow_id] = session
 
-    def forget(self, flow_id: str, lease_token: int | None = None) -> Session | None:
-        """Free the slot of a flow that ended, moved or was given back; returns its session."""
+    def forget(
+        self, flow_id: str, lease_token: int | None = None, *, ended: bool = False
+    ) -> Session | None:
+        """Free the slot of a flow that ended, moved or was given back; returns its session.
+
+        `ended`: the flow is terminal, so the only new work is the freed slot, which a session
+        that already ran out of work has no use for.
+        """
         session = self._owners.get(flow_id)
         if session is None:
             return None
@@ -77,7 +86,8 @@ class Dispatcher:
             return None
         del self._owners[flow_id]
         session.held.pop(flow_id, None)
-        self.wake()
+        if not (ended and session.session_id in self._starved):
+            self.wake()
         return session
 
     def holder(self, flow_id: str, lease_token: int) -> Session | None:
@@ -121,17 +131,18 @@ class Dispatcher:
             if s.free > 0 and (s.last_heard_ms is None or s.last_heard_ms >= silent_before)
         ]
         starved: list[Session] = []
+        # Until this pass knows better (and if it fails), every session may want a pass.
+        self._starved = set()
         while eligible:
             eligible.sort(key=lambda s: s.load)
             now = self._clock.now_ms()
             expires_at = now + self._config.lease_ttl_ms
             asks = [min(s.free, max(1, math.ceil(s.capacity / 4))) for s in eligible]
-            claims = await asyncio.gather(
-                *(
+            claims = await _gather(
+                [
                     self._store.claim_flows(s.session_id, s.flow_types, ask, expires_at, now)
                     for s, ask in zip(eligible, asks, strict=True)
-                ),
-                return_exceptions=True,
+                ]
             )
             next_round: list[Session] = []
             failure: BaseException | None = None
@@ -148,6 +159,7 @@ class Dispatcher:
             if failure is not None:
                 # Claims that succeeded were handed over above; the failed one is retried.
                 raise failure
+        self._starved = {s.session_id for s in starved}
         if not starved:
             return self._config.dispatch_poll_interval_ms
         types = sorted({t for s in starved for t in s.flow_types})
@@ -180,3 +192,15 @@ class Dispatcher:
         now = self._clock.now_ms()
         for flow in flows:
             self._metrics.dispatch_latency.observe(max(0, now - flow.ready_at) / 1000)
+
+
+async def _gather(
+    claims: list[Awaitable[list[ClaimedFlow]]],
+) -> list[list[ClaimedFlow] | BaseException]:
+    """Each claim's flows or its error; one claim is awaited as is (no task, no loop turn)."""
+    if len(claims) == 1:
+        try:
+            return [await claims[0]]
+        except Exception as error:
+            return [error]
+    return await asyncio.gather(*claims, return_exceptions=True)

@@ -1,0 +1,102 @@
+"""The dispatcher on a real store: claims only when they can find work or room for it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ergon_server.clock import SystemClock
+from ergon_server.engine import Engine, EngineConfig
+from ergon_server.engine.sessions import AckOut, AssignmentOut, FlowFinishIn, Session
+from ergon_server.model import ClaimedFlow, FlowFinish, FlowStatus, NewFlow
+from ergon_server.storage import create_store
+from ergon_server.storage.base import Store
+from tests.support.postgres import temporary_database_sync
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    with contextlib.ExitStack() as stack:
+        if request.param == "postgres":
+            url = stack.enter_context(temporary_database_sync("ergon_dispatch"))
+        else:
+            url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'd.db'}"
+        store = create_store(url)
+        await store.open()
+        yield store
+        await store.close()
+
+
+@pytest.fixture
+async def engine(store: Store) -> AsyncIterator[Engine]:
+    engine = Engine(store, SystemClock(), EngineConfig(allow_unregistered_flow_types=True))
+    await engine.start()
+    yield engine
+    await engine.shutdown()
+
+
+def count_claims(store: Store) -> list[int]:
+    """Count the store's claims (what each found) from here on."""
+    found: list[int] = []
+    claim: Callable[..., Awaitable[list[ClaimedFlow]]] = store.claim_flows
+
+    async def counted(*args: Any, **kwargs: Any) -> list[ClaimedFlow]:
+        flows = await claim(*args, **kwargs)
+        found.append(len(flows))
+        return flows
+
+    store.claim_flows = counted  # type: ignore[method-assign]
+    return found
+
+
+async def assigned(session: Session) -> list[ClaimedFlow]:
+    async with asyncio.timeout(5):
+        batch = await session.next_batch()
+    return [e.flow for e in batch if isinstance(e, AssignmentOut)]
+
+
+async def complete(engine: Engine, session: Session, flow: ClaimedFlow, seq: int) -> None:
+    finish = FlowFinish(flow.flow_id, flow.lease_token, FlowStatus.COMPLETED, result=b"{}")
+    await engine.handle_worker_events(session, [FlowFinishIn(seq, finish)])
+
+
+async def test_a_flow_ending_on_a_worker_with_nothing_left_to_claim_costs_no_claim(
+    engine: Engine, store: Store
+) -> None:
+    session, _ = await engine.open_session("w", ["T"], 4, 1, [])
+    await engine.schedule_flows([NewFlow("f1", "T", b"{}")])
+    (flow,) = await assigned(session)
+    # PostgreSQL echoes the schedule's own READY hint back a moment later: let it pass.
+    await asyncio.sleep(0.2)
+    claims = count_claims(store)
+    await complete(engine, session, flow, 1)
+    (ack,) = await session.next_batch()
+    assert isinstance(ack, AckOut) and ack.code == 0
+    await asyncio.sleep(0.2)
+    # The worker had room and nothing to fill it with: the freed slot changes neither.
+    assert claims == []
+    # New work still goes out at once.
+    await engine.schedule_flows([NewFlow("f2", "T", b"{}")])
+    (second,) = await assigned(session)
+    assert second.flow_id == "f2" and claims[0] == 1
+
+
+async def test_a_flow_ending_on_a_full_worker_lets_the_next_flow_in(
+    engine: Engine, store: Store
+) -> None:
+    session, _ = await engine.open_session("w", ["T"], 1, 1, [])
+    await engine.schedule_flows([NewFlow("f1", "T", b"{}"), NewFlow("f2", "T", b"{}")])
+    (first,) = await assigned(session)
+    claims = count_claims(store)
+    await complete(engine, session, first, 1)
+    async with asyncio.timeout(5):
+        batch = list(await session.next_batch())
+        while not any(isinstance(e, AssignmentOut) for e in batch):
+            batch += await session.next_batch()
+    (second,) = [e.flow for e in batch if isinstance(e, AssignmentOut)]
+    assert second.flow_id == "f2" and claims[0] == 1
