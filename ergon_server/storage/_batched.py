@@ -673,6 +673,9 @@ class Command(Generic[_T]):
     mergeable: ClassVar[bool] = False
     # Whether the command's footprint is unknown, so no other command may cross it.
     barrier: ClassVar[bool] = False
+    # Whether its caller is told first when its batch commits: a claim's flows go to their
+    # worker before, say, the schedule call that woke the claim hears back.
+    urgent: ClassVar[bool] = False
 
     def __init__(self, future: asyncio.Future[_T]) -> None:
         self.future = future
@@ -1475,6 +1478,9 @@ class BatchedStore:
                 else:
                     command.resolve()
             return
+        for command in batch:
+            if command.urgent:
+                command.resolve()
         for command in batch:
             command.resolve()
 

@@ -925,6 +925,7 @@ _CLAIM = (
 class _ClaimFlows(Command[list[ClaimedFlow]]):
     __slots__ = ("flow_types", "lease_expires_at", "limit", "now_ms", "session_id")
     barrier = True
+    urgent = True
 
     def __init__(
         self,

@@ -100,3 +100,15 @@ async def test_a_flow_ending_on_a_full_worker_lets_the_next_flow_in(
             batch += await session.next_batch()
     (second,) = [e.flow for e in batch if isinstance(e, AssignmentOut)]
     assert second.flow_id == "f2" and claims[0] == 1
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"], indirect=True)
+async def test_a_flow_goes_to_its_worker_before_its_scheduler_hears_back(
+    engine: Engine, store: Store
+) -> None:
+    session, _ = await engine.open_session("w", ["T"], 4, 1, [])
+    await asyncio.sleep(0.2)  # the session's first pass, and PostgreSQL's echo of it
+    # The schedule and the claim it wakes share one group commit; the worker is on the
+    # flow's critical path, the scheduler is not.
+    await engine.schedule_flows([NewFlow("f1", "T", b"{}")])
+    assert "f1" in session.held
