@@ -198,6 +198,8 @@ class Client:
         self.max_message_bytes = max_message_bytes
         self.retry_timeout_s = retry_timeout_s
         self._channel: grpc.aio.Channel | None = None
+        # A stub builds a callable per method: made once per channel, not once per call.
+        self._stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub | None = None
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -235,6 +237,7 @@ class Client:
 
     async def close(self) -> None:
         """Close the channel. Idempotent."""
+        self._stub = None
         if self._channel is not None:
             channel, self._channel = self._channel, None
             await channel.close()
@@ -270,7 +273,9 @@ class Client:
 
     @property
     def _scheduler(self) -> scheduler_pb2_grpc.SchedulerServiceAsyncStub:
-        return scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
+        if self._stub is None:
+            self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
+        return self._stub
 
     def payload(self, value: Any) -> common_pb2.Payload:
         """Encode a value, refusing it here if it is over the payload limit."""
