@@ -3,10 +3,11 @@
 Writes. Every write verb becomes a command object on a queue and awaits its future. One
 committer task takes everything queued (up to `max_batch` commands), opens one
 `BEGIN IMMEDIATE` transaction, applies the commands, commits once (one fsync for the whole
-batch) and only then resolves the futures. Each aiosqlite call is a hop to the connection's
-thread, so commands are not applied one by one: the batch is first planned into *stages*, and
-a stage applies many commands of one kind with a handful of statements (one fencing SELECT over
-all flows of all step records, then one `executemany`).
+batch) and only then resolves the futures. The batch runs as one job on the writer (`_Writer`:
+on the event loop's thread while commits are quick, on its own thread after a slow one).
+Commands are not applied one by one: the batch is first planned into *stages*, and a stage
+applies many commands of one kind with a handful of statements (one fencing SELECT over all
+flows of all step records, then one `executemany`).
 
 Planning keeps the outcome identical to applying the commands one by one in queue order.
 Commands touching disjoint flows commute, so a command may join an earlier stage of its kind
@@ -39,7 +40,7 @@ import contextlib
 import functools
 import logging
 import sqlite3
-import threading
+import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar, cast
@@ -180,14 +181,21 @@ def _chunks(values: Sequence[_T]) -> Iterable[Sequence[_T]]:
 
 
 class _Writer:
-    """The writer connection, owned by one thread that runs a whole transaction per hop.
+    """The writer connection, running a whole transaction per job, one job at a time.
 
     aiosqlite hops to its thread once per statement, and a group commit's BEGIN, fencing
     reads, `executemany`s and COMMIT cost more in hops than in SQLite. Here the batch's
-    coroutine runs on the writer's own thread: `execute`, `execute_fetchall` and
-    `executemany` are coroutines that finish at once, so `run` completes the batch in one
-    `send` and one round trip to the event loop.
+    coroutine is driven to its end in one `send`: `execute`, `execute_fetchall` and
+    `executemany` are coroutines that finish at once.
+
+    Where the job runs: on the event loop's thread while jobs are quick (a small commit,
+    fsync included, costs less than the two thread hops it would take), on the writer's own
+    thread after a slow one (a large batch, a slow disk), so the loop goes on serving
+    streams while it runs; a quick job there brings the next ones back to the loop.
     """
+
+    # A job slower than this sends the next one to the writer's thread.
+    INLINE_UNDER_S = 0.002
 
     def __init__(self, path: str) -> None:
         self._path = path
@@ -195,35 +203,49 @@ class _Writer:
             max_workers=1, thread_name_prefix="ergon-sqlite-writer"
         )
         self._conn: sqlite3.Connection | None = None
-        self._thread: int | None = None
+        self._in_job = False
+        self._inline = True
+        # Jobs handed to the thread and not finished: none may run inline beside them.
+        self._on_thread = 0
 
     async def open(self) -> None:
-        """Connect on the writer's thread."""
+        """Connect."""
         await self.run(self._connect)
 
     async def _connect(self, _: _Writer) -> None:
-        self._thread = threading.get_ident()
-        self._conn = sqlite3.connect(self._path, isolation_level=None)
+        # Jobs run on either thread, never two at once (`run`).
+        self._conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
 
     async def run(self, job: Callable[[_Writer], Coroutine[Any, Any, _T]]) -> _T:
-        """Run `job(self)` to its end on the writer's thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._drive, job)
+        """Run `job(self)` to its end, on the loop's thread or the writer's."""
+        if self._inline and not self._on_thread:
+            return self._drive(job)
+        self._on_thread += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, self._drive, job)
+        finally:
+            self._on_thread -= 1
 
     def _drive(self, job: Callable[[_Writer], Coroutine[Any, Any, _T]]) -> _T:
+        started = time.perf_counter()
+        self._in_job = True
         coroutine = job(self)
         try:
             coroutine.send(None)
         except StopIteration as stop:
             return cast(_T, stop.value)
+        finally:
+            self._in_job = False
+            self._inline = time.perf_counter() - started < self.INLINE_UNDER_S
         coroutine.close()
         raise StoreError("an sqlite command awaited something other than its connection")
 
     def _connection(self) -> sqlite3.Connection:
-        # Only the writer's thread may touch the connection: a call from the event loop would
-        # run SQL beside a batch in flight.
-        if self._conn is None or threading.get_ident() != self._thread:
-            raise StoreError("the sqlite writer was used off its thread or after closing")
+        # Only a job may touch the connection: a call from elsewhere would run SQL beside a
+        # batch in flight.
+        if self._conn is None or not self._in_job:
+            raise StoreError("the sqlite writer was used outside a job or after closing")
         return self._conn
 
     async def execute(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
@@ -1323,7 +1345,7 @@ class SqliteStore(BatchedStore):
     # --- the group commit ---
 
     async def _run(self, batch: Sequence[AnyCommand]) -> None:
-        """Apply a batch in one `BEGIN IMMEDIATE` transaction, on the writer's thread."""
+        """Apply a batch in one `BEGIN IMMEDIATE` transaction (see `_Writer` for the thread)."""
         writer = self._writer
         if writer is None:
             raise StoreUnavailableError("the sqlite store is not open")

@@ -1,0 +1,76 @@
+"""The SQLite writer: quick jobs on the loop's thread, slow ones on its own, never two at once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from ergon_server.errors import StoreError
+from ergon_server.storage.sqlite import _Writer
+
+
+@pytest.fixture
+async def writer(tmp_path: Path) -> AsyncIterator[_Writer]:
+    writer = _Writer(str(tmp_path / "w.db"))
+    await writer.open()
+    await writer.run(lambda w: w.execute("CREATE TABLE t (thread INTEGER, slow INTEGER)"))
+    yield writer
+    await writer.close()
+
+
+async def job(writer: _Writer, *, slow_s: float = 0.0) -> int:
+    """Run one insert as a job; returns the id of the thread it ran on."""
+
+    async def body(w: _Writer) -> int:
+        if slow_s:
+            # Blocking on purpose: the job stands for a slow disk, or a large batch.
+            time.sleep(slow_s)  # noqa: ASYNC251
+        await w.execute("INSERT INTO t VALUES (?, ?)", (threading.get_ident(), int(slow_s > 0)))
+        return threading.get_ident()
+
+    return await writer.run(body)
+
+
+async def back_on_the_loop(writer: _Writer) -> None:
+    """Run quick jobs until one runs on the loop's thread (a busy machine may slow a few)."""
+    for _ in range(50):
+        if await job(writer) == threading.get_ident():
+            return
+    pytest.fail("quick jobs never came back to the event loop's thread")
+
+
+async def test_quick_jobs_run_on_the_loop_and_a_slow_one_sends_the_next_to_the_thread(
+    writer: _Writer,
+) -> None:
+    loop_thread = threading.get_ident()
+    await back_on_the_loop(writer)
+    assert await job(writer, slow_s=0.02) == loop_thread
+    # The slow job showed the disk (or the batch) is slow: the loop must not wait on the next.
+    assert await job(writer) != loop_thread
+    await back_on_the_loop(writer)
+    rows = await writer.run(lambda w: w.execute_fetchall("SELECT count(*), sum(slow) FROM t"))
+    assert rows[0][1] == 1
+
+
+async def test_no_job_runs_on_the_loop_while_one_runs_on_the_thread(writer: _Writer) -> None:
+    loop_thread = threading.get_ident()
+    await back_on_the_loop(writer)
+    await job(writer, slow_s=0.02)
+    first = asyncio.ensure_future(job(writer))
+    second = asyncio.ensure_future(job(writer, slow_s=0.1))
+    assert await first != loop_thread
+    # `first` was quick, which would bring jobs back to the loop; but `second` still runs on
+    # the thread, so the next job queues behind it instead of running beside it.
+    assert await job(writer) != loop_thread
+    assert second.done()
+    assert await second != loop_thread
+
+
+async def test_the_connection_refuses_use_outside_a_job(writer: _Writer) -> None:
+    with pytest.raises(StoreError, match="outside a job"):
+        await writer.execute("SELECT 1")
