@@ -722,6 +722,12 @@ class Command(Generic[_T]):
 
 AnyCommand = Command[Any]
 
+
+def _resolve_all(batch: Sequence[AnyCommand]) -> None:
+    for command in batch:
+        command.resolve()
+
+
 # The prefix of a flow's resource name.
 FLOW = "flow:"
 
@@ -1478,11 +1484,14 @@ class BatchedStore:
                 else:
                     command.resolve()
             return
-        for command in batch:
-            if command.urgent:
-                command.resolve()
-        for command in batch:
-            command.resolve()
+        if any(command.urgent for command in batch):
+            for command in batch:
+                if command.urgent:
+                    command.resolve()
+            # The rest a loop turn later, once the urgent callers have acted on their answers.
+            asyncio.get_running_loop().call_soon(_resolve_all, batch)
+        else:
+            _resolve_all(batch)
 
     async def _run(self, batch: Sequence[AnyCommand]) -> None:
         """Apply a batch in one transaction, or raise an `ErgonError` having applied nothing."""

@@ -227,6 +227,11 @@ class _Writer:
         finally:
             self._on_thread -= 1
 
+    @property
+    def idle_on_loop(self) -> bool:
+        """Whether a job now would run at once on the loop's thread (none is in flight)."""
+        return self._inline and not self._on_thread
+
     def _drive(self, job: Callable[[_Writer], Coroutine[Any, Any, _T]]) -> _T:
         started = time.perf_counter()
         self._in_job = True
@@ -1359,12 +1364,12 @@ class SqliteStore(BatchedStore):
     async def _read(self, sql: str, params: Sequence[object] = ()) -> list[_Row]:
         self._check_open()
         try:
-            if not self._readers and self._writer is not None:
-                # ":memory:": only the writer sees the database; its thread runs one job at a
-                # time, so a read never sees a batch half applied.
-                return list(
-                    await self._writer.run(lambda writer: writer.execute_fetchall(sql, params))
-                )
+            writer = self._writer
+            if writer is not None and (not self._readers or writer.idle_on_loop):
+                # ":memory:": only the writer sees the database. A file: while the writer idles
+                # on the loop's thread, a read there costs no hop to a reader's thread. Either
+                # way it runs one job at a time, so a read never sees a batch half applied.
+                return list(await writer.run(lambda w: w.execute_fetchall(sql, params)))
             reader = self._readers[self._next_reader % len(self._readers)]
             self._next_reader += 1
             return list(await reader.execute_fetchall(sql, params))

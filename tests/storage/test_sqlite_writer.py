@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ergon_server.errors import StoreError
-from ergon_server.storage.sqlite import _Writer
+from ergon_server.model import NewFlow
+from ergon_server.storage.sqlite import SqliteStore, _Writer
 
 
 @pytest.fixture
@@ -74,3 +75,29 @@ async def test_no_job_runs_on_the_loop_while_one_runs_on_the_thread(writer: _Wri
 async def test_the_connection_refuses_use_outside_a_job(writer: _Writer) -> None:
     with pytest.raises(StoreError, match="outside a job"):
         await writer.execute("SELECT 1")
+
+
+async def test_reads_do_not_queue_behind_a_write_in_flight_on_the_thread(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "s.db"))
+    await store.open()
+    try:
+        await store.schedule_flows([NewFlow("f1", "T", b"{}")], 1_000)
+        writer = store._writer
+        assert writer is not None
+        await writer.run(lambda w: w.execute("CREATE TABLE t (thread INTEGER, slow INTEGER)"))
+        await job(writer, slow_s=0.02)  # now the next job goes to the thread
+        slow = asyncio.ensure_future(job(writer, slow_s=0.5))
+        await asyncio.sleep(0.05)
+        assert not writer.idle_on_loop
+        # A reader connection answers while the writer is busy.
+        record = await asyncio.wait_for(store.get_flow("f1"), 0.3)
+        assert record is not None and record.flow_id == "f1" and not slow.done()
+        await slow
+        await back_on_the_loop(writer)
+        assert writer.idle_on_loop
+        # And while it idles on the loop, reads run there too (and see the last commit).
+        await store.schedule_flows([NewFlow("f2", "T", b"{}")], 1_000)
+        record = await store.get_flow("f2")
+        assert record is not None and record.flow_id == "f2"
+    finally:
+        await store.close()
