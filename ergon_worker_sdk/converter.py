@@ -13,6 +13,7 @@ import json
 import pickle
 import types
 import typing
+import weakref
 from typing import Any, Protocol
 
 from google.protobuf import json_format
@@ -100,10 +101,24 @@ def from_jsonable(value: Any, hint: Any) -> Any:
     return value
 
 
+# A class's resolved field hints. Resolving string annotations compiles each of them: once
+# per class, not once per flow. Weak, so classes made on the fly can go.
+_INIT_HINTS: weakref.WeakKeyDictionary[type[Any], tuple[dict[str, Any], frozenset[str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _init_hints(cls: type[Any]) -> tuple[dict[str, Any], frozenset[str]]:
+    cached = _INIT_HINTS.get(cls)
+    if cached is None:
+        known = frozenset(f.name for f in dataclasses.fields(cls) if f.init)
+        cached = _INIT_HINTS[cls] = (typing.get_type_hints(cls), known)
+    return cached
+
+
 def construct_dataclass(cls: type[Any], fields: dict[str, Any]) -> Any:
     """Build a dataclass from decoded JSON fields, shaping each by its annotation."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    hints, known = _init_hints(cls)
     unknown = set(fields) - known
     if unknown:
         raise ConverterError(f"{cls.__name__} has no fields {', '.join(sorted(unknown))}")
