@@ -259,12 +259,13 @@ class Store(Protocol):
         ...
 
     async def subscribe(self, listener: Callable[[StoreEvent], None]) -> None:
-        """Deliver hints of changes made through this store's database by any process.
+        """Deliver hints of changes other store instances made through this store's database.
 
         Used by server replicas sharing one database (PostgreSQL: LISTEN/NOTIFY): a flow became
         ready, a timer was registered, a RUNNING flow's wait was satisfied or its cancel
-        requested, a flow ended. Events may come late, twice, or (on a reconnect) not at all:
-        they are hints, and the engine still polls. A store used by one process only (memory,
-        SQLite) may never call the listener. Call once, after `open()`.
+        requested, a flow ended. This instance's own changes are not echoed back: its caller
+        made them and acts on them itself. Events may come late, twice, or (on a reconnect) not
+        at all: they are hints, and the engine still polls. A store used by one process only
+        (memory, SQLite) may never call the listener. Call once, after `open()`.
         """
         ...

@@ -52,6 +52,7 @@ import contextlib
 import json
 import logging
 import random
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Self, TypeAlias, TypeVar
 
@@ -243,16 +244,22 @@ _EVENT_CODES = {
 _EVENT_KINDS = {code: kind for kind, code in _EVENT_CODES.items()}
 
 
-def _encode_events(events: Iterable[StoreEvent], limit: int = _MAX_PAYLOAD) -> list[str]:
+def _encode_events(
+    events: Iterable[StoreEvent], limit: int = _MAX_PAYLOAD, origin: str = ""
+) -> list[str]:
     """Pack events into as few NOTIFY payloads of at most `limit` bytes as fit.
 
     A payload is a JSON list of lists: ["R"], ["T"], ["W", flow_id, lease_token, key],
     ["C", flow_id, lease_token], ["E", flow_id]. ASCII-only JSON, so characters are bytes.
-    An event too big for any payload (a huge flow_id) is dropped: events are hints.
+    With an `origin`, each payload starts with ["O", origin], naming the store instance
+    that sent it (a decoder that does not know "O" skips it). An event too big for any
+    payload (a huge flow_id) is dropped: events are hints.
     """
+    head = [json.dumps(["O", origin], separators=(",", ":"), ensure_ascii=True)] if origin else []
+    base = 2 + sum(len(h) for h in head)  # "[", "]" and the head
     payloads: list[str] = []
     parts: list[str] = []
-    size = 2
+    used = base
     for event in events:
         code = _EVENT_CODES[event.kind]
         item: list[object] = [code]
@@ -263,26 +270,31 @@ def _encode_events(events: Iterable[StoreEvent], limit: int = _MAX_PAYLOAD) -> l
         elif event.kind is StoreEventKind.ENDED:
             item.append(event.flow_id)
         part = json.dumps(item, separators=(",", ":"), ensure_ascii=True)
-        if len(part) + 2 > limit:
+        if base + len(head) + len(part) > limit:
             _log.debug("dropping a store event too big to notify: %s...", part[:100])
             continue
-        if parts and size + 1 + len(part) > limit:
-            payloads.append("[" + ",".join(parts) + "]")
-            parts, size = [], 2
-        size += len(part) + (1 if parts else 0)
+        if parts and used + 1 + len(part) > limit:
+            payloads.append("[" + ",".join(head + parts) + "]")
+            parts, used = [], base
+        used += len(part) + (1 if head or parts else 0)
         parts.append(part)
     if parts:
-        payloads.append("[" + ",".join(parts) + "]")
+        payloads.append("[" + ",".join(head + parts) + "]")
     return payloads
 
 
-def _decode_events(payload: str) -> list[StoreEvent]:
-    """The events of one payload; anything malformed (another writer's NOTIFY) is skipped."""
+def _decode_events(payload: str, ignore_origin: str = "") -> list[StoreEvent]:
+    """The events of one payload; anything malformed (another writer's NOTIFY) is skipped.
+
+    A payload whose origin is `ignore_origin` (this store's own changes) gives no events.
+    """
     try:
         items = json.loads(payload)
     except ValueError:
         return []
     if not isinstance(items, list):
+        return []
+    if ignore_origin and items and items[0] == ["O", ignore_origin]:
         return []
     events: list[StoreEvent] = []
     for item in items:
@@ -361,9 +373,9 @@ class _Tx:
         )
         self.locked.update(row[0] for row in rows)
 
-    async def notify(self, channel: str) -> None:
-        """Queue this transaction's events; PostgreSQL delivers them at commit."""
-        payloads = _encode_events(self.events.events())
+    async def notify(self, channel: str, origin: str) -> None:
+        """Queue this transaction's events, from `origin`; PostgreSQL delivers them at commit."""
+        payloads = _encode_events(self.events.events(), origin=origin)
         if payloads:
             await self.conn.execute(
                 "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
@@ -1387,10 +1399,12 @@ class _Listener:
         channel: str,
         deliver: Callable[[StoreEvent], None],
         keepalive_s: float,
+        origin: str,
     ) -> None:
         self._connect = connect
         self._channel = channel
         self._deliver = deliver
+        self._origin = origin
         self._keepalive_s = keepalive_s
         self._conn: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
@@ -1416,7 +1430,7 @@ class _Listener:
         return conn
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        for event in _decode_events(str(payload)):
+        for event in _decode_events(str(payload), ignore_origin=self._origin):
             self._deliver(event)
 
     async def _supervise(self) -> None:
@@ -1539,6 +1553,9 @@ class PostgresStore(BatchedStore):
         self._max_size = max_size
         self._retries = retries
         self._channel = channel
+        # Names this instance's notifications, so its own listener skips them: the engine
+        # above already acted on its own changes (as it must on SQLite, which has no hints).
+        self._origin = uuid.uuid4().hex
         self._connect_timeout_s = connect_timeout_s
         self._keepalive_s = keepalive_s
         self._server_settings = {
@@ -1670,7 +1687,7 @@ class PostgresStore(BatchedStore):
                 await tx.lock(_batch_flows(batch, links))
             for stage in plan_stages(batch, links):
                 await type(stage[0]).apply_all(tx, stage)
-            await tx.notify(self._channel)
+            await tx.notify(self._channel, self._origin)
         except BaseException:
             with contextlib.suppress(Exception):
                 await transaction.rollback()
@@ -1803,7 +1820,7 @@ class PostgresStore(BatchedStore):
     # --- notifications ---
 
     async def subscribe(self, listener: Callable[[StoreEvent], None]) -> None:
-        """Deliver hints of changes made through this database by any process (LISTEN).
+        """Deliver hints of changes other processes made through this database (LISTEN).
 
         The first call opens a dedicated LISTEN connection (failing if it cannot); it
         reconnects by itself if dropped, and then delivers READY and TIMER since events sent
@@ -1824,7 +1841,9 @@ class PostgresStore(BatchedStore):
             )
             return conn
 
-        listening = _Listener(connect, self._channel, self._deliver, self._keepalive_s)
+        listening = _Listener(
+            connect, self._channel, self._deliver, self._keepalive_s, self._origin
+        )
         try:
             await listening.start()
         except Exception as exc:

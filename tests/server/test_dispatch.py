@@ -71,8 +71,6 @@ async def test_a_flow_ending_on_a_worker_with_nothing_left_to_claim_costs_no_cla
     session, _ = await engine.open_session("w", ["T"], 4, 1, [])
     await engine.schedule_flows([NewFlow("f1", "T", b"{}")])
     (flow,) = await assigned(session)
-    # PostgreSQL echoes the schedule's own READY hint back a moment later: let it pass.
-    await asyncio.sleep(0.2)
     claims = count_claims(store)
     await complete(engine, session, flow, 1)
     (ack,) = await session.next_batch()
@@ -107,7 +105,7 @@ async def test_a_flow_goes_to_its_worker_before_its_scheduler_hears_back(
     engine: Engine, store: Store
 ) -> None:
     session, _ = await engine.open_session("w", ["T"], 4, 1, [])
-    await asyncio.sleep(0.2)  # the session's first pass, and PostgreSQL's echo of it
+    await asyncio.sleep(0.2)  # the session's first pass
     # The schedule and the claim it wakes share one group commit; the worker is on the
     # flow's critical path, the scheduler is not.
     await engine.schedule_flows([NewFlow("f1", "T", b"{}")])

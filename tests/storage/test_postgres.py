@@ -311,6 +311,21 @@ async def test_notifications_reach_the_other_replica(
     await events.wait_for(lambda e: e == StoreEvent(StoreEventKind.ENDED, "f1"))
 
 
+async def test_a_replica_does_not_hear_its_own_notifications(
+    replicas: tuple[PostgresStore, PostgresStore],
+) -> None:
+    first, second = replicas
+    mine, theirs = Events(), Events()
+    await first.subscribe(mine)
+    await second.subscribe(theirs)
+    await first.schedule_flows([flow("f1")], T0)
+    await theirs.wait_for(lambda e: e.kind is READY)
+    # The other replica's change is heard; the first's own never was (its engine made it).
+    await second.schedule_flows([flow("f2")], T0)
+    await mine.wait_for(lambda e: e.kind is READY)
+    assert mine.seen == [StoreEvent(READY)]
+
+
 async def test_notifications_are_sent_only_on_commit(
     replicas: tuple[PostgresStore, PostgresStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -321,8 +336,8 @@ async def test_notifications_are_sent_only_on_commit(
     await first.claim_flows("s1", ["orders"], 1, T0 + TTL, T0)
     real_notify = _Tx.notify
 
-    async def notify_then_fail(tx: _Tx, channel: str) -> None:
-        await real_notify(tx, channel)
+    async def notify_then_fail(tx: _Tx, channel: str, origin: str) -> None:
+        await real_notify(tx, channel, origin)
         raise RuntimeError("the transaction fails after its NOTIFY")
 
     monkeypatch.setattr(_Tx, "notify", notify_then_fail)
@@ -375,6 +390,12 @@ def test_event_payloads_round_trip_below_the_notify_limit() -> None:
     assert len(payloads) > 1
     assert all(len(p.encode()) < 8000 for p in payloads)
     assert [e for p in payloads for e in _decode_events(p)] == events
+    # Payloads named by their sender: the sender's own listener skips them, others do not.
+    named = _encode_events(events, origin="replica-1")
+    assert all(len(p.encode()) < 8000 and p.startswith('[["O","replica-1"],') for p in named)
+    assert [e for p in named for e in _decode_events(p, ignore_origin="replica-2")] == events
+    assert [e for p in named for e in _decode_events(p)] == events
+    assert [e for p in named for e in _decode_events(p, ignore_origin="replica-1")] == []
     # An event too big for any payload is dropped (events are hints); junk is ignored.
     huge = StoreEvent(StoreEventKind.ENDED, "x" * 9000)
     assert _encode_events([huge, StoreEvent(READY)]) == ['[["R"]]']
