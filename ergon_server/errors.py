@@ -92,3 +92,18 @@ class SchemaVersionError(StoreError):
     """The store's schema is newer than this code knows."""
 
     default_reason = "SCHEMA_TOO_NEW"
+
+
+def error_for_code(grpc_code: int, message: str, reason: str) -> ErgonError:
+    """The error for a status code number (an ack that refused a worker event with it)."""
+    for cls in (
+        InvalidArgumentError,
+        NotFoundError,
+        AlreadyExistsError,
+        FailedPreconditionError,
+        ResourceExhaustedError,
+        UnavailableError,
+    ):
+        if cls.grpc_code == grpc_code:
+            return cls(message, reason)
+    return StoreError(message, reason)

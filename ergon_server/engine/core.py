@@ -17,6 +17,7 @@ from ergon_server.engine.config import EngineConfig
 from ergon_server.engine.dispatcher import Dispatcher
 from ergon_server.engine.sessions import (
     AckOut,
+    AssignmentOut,
     CancelRequestedOut,
     CapacityIn,
     DrainOut,
@@ -25,6 +26,7 @@ from ergon_server.engine.sessions import (
     ParkIn,
     PingOut,
     ReleaseIn,
+    ServerEventOut,
     Session,
     StepResultIn,
     SuspendIn,
@@ -38,11 +40,13 @@ from ergon_server.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    StoreError,
     UnavailableError,
 )
 from ergon_server.metrics import Metrics
 from ergon_server.model import (
     CancelOutcome,
+    ClaimedFlow,
     EntryKind,
     FlowPage,
     FlowRecord,
@@ -447,8 +451,13 @@ class Engine:
         protocol_version: int,
         held: Sequence[Lease],
         peer: str = "",
+        *,
+        announce: bool = True,
     ) -> tuple[Session, list[str]]:
-        """Register a worker stream; returns the session and the re-attached flow ids."""
+        """Register a worker stream; returns the session and the re-attached flow ids.
+
+        `announce`: log the session at INFO (a stream), not DEBUG (one poll of a poll worker).
+        """
         if self.draining:
             raise UnavailableError("the server is shutting down", "DRAINING")
         validate_id(worker_id, "worker_id")
@@ -466,8 +475,10 @@ class Engine:
             )
         now = self.clock.now_ms()
         types = tuple(dict.fromkeys(flow_types))
-        await self.store.register_flow_types(types, now)
-        self._known_types.update(types)
+        if not self._known_types.issuperset(types):
+            # Known types are in the store already: a poll worker's every call needs no write.
+            await self.store.register_flow_types(types, now)
+            self._known_types.update(types)
         session = Session(uuid.uuid4().hex, worker_id, types, capacity, connected_at=now, peer=peer)
         session.last_heard_ms = now
         reattached: list[str] = []
@@ -480,7 +491,8 @@ class Engine:
             # A lease held by another live session of ours moves with the worker.
             self.dispatcher.forget(flow_id)
         self.dispatcher.add(session, [(f, tokens[f]) for f in reattached])
-        log.info(
+        log.log(
+            logging.INFO if announce else logging.DEBUG,
             "worker %s connected: session %s, types %s, capacity %d, %d leases re-attached",
             worker_id,
             session.session_id,
@@ -491,10 +503,11 @@ class Engine:
         )
         return session, reattached
 
-    def close_session(self, session: Session) -> None:
+    def close_session(self, session: Session, *, announce: bool = True) -> None:
         """The worker's stream ended; its leases wait for a reconnect or their expiry."""
         if session.session_id in {s.session_id for s in self.dispatcher.sessions}:
-            log.info(
+            log.log(
+                logging.INFO if announce else logging.DEBUG,
                 "worker %s disconnected: session %s, %d flows in flight",
                 session.worker_id,
                 session.session_id,
@@ -502,6 +515,67 @@ class Engine:
                 extra={"worker_id": session.worker_id, "session_id": session.session_id},
             )
         self.dispatcher.remove(session)
+
+    # ------------------------------------------------------- worker-poll (unary)
+
+    async def poll_flow(
+        self,
+        worker_id: str,
+        flow_types: Sequence[str],
+        protocol_version: int,
+        timeout_ms: int,
+        peer: str = "",
+    ) -> ClaimedFlow | None:
+        """Wait up to `timeout_ms` for one flow of these types, leased to a one-poll session.
+
+        The session only lives for the call: the lease outlives it (in the store), fenced by
+        its token, until the flow ends, is given back or the lease expires.
+        """
+        if timeout_ms < 0:
+            raise InvalidArgumentError("timeout_ms must not be negative", "INVALID_TIMEOUT")
+        session, _ = await self.open_session(
+            worker_id, flow_types, 1, protocol_version, [], peer, announce=False
+        )
+        # Heard from for as long as its call is open (a dropped call cancels this coroutine),
+        # though it sends no heartbeats.
+        session.last_heard_ms = None
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(timeout_ms, self.config.max_wait_ms) / 1000):
+                    while not session.closed:
+                        flow = _assignment(await session.next_batch())
+                        if flow is not None:
+                            return flow
+        finally:
+            self.close_session(session, announce=False)
+        # A flow handed over as the wait ended is still this caller's; after the close, a
+        # claim in flight gives its flows back instead (the dispatcher sees the session closed).
+        return _assignment(await session.next_batch())
+
+    async def apply_worker_event(self, worker_id: str, event: WorkerEventIn) -> AckOut:
+        """Apply one worker event outside a stream (worker-poll) and return its ack."""
+        # Never given to the dispatcher: nothing is sent to it but the event's ack.
+        session = Session(uuid.uuid4().hex, worker_id, (), 0, connected_at=self.clock.now_ms())
+        await self.handle_worker_events(session, [event])
+        acks = [e for e in await session.next_batch() if isinstance(e, AckOut)]
+        if len(acks) != 1:
+            raise StoreError(f"a worker event was answered {len(acks)} times")
+        return acks[0]
+
+    async def extend_lease(self, flow_id: str, lease_token: int) -> int:
+        """Renew a held lease for another lease TTL; returns its new expiry (ms)."""
+        record = await self.get_flow(flow_id)
+        if (
+            record.status is not FlowStatus.RUNNING
+            or record.lease_token != lease_token
+            or record.lease_owner is None
+        ):
+            raise _lease_lost(flow_id)
+        expires_at = self.clock.now_ms() + self.config.lease_ttl_ms
+        # By owner: the lease is renewed only while the session that claimed it holds it.
+        if not await self.store.renew_leases(record.lease_owner, expires_at):
+            raise _lease_lost(flow_id)
+        return expires_at
 
     async def handle_worker_events(self, session: Session, events: Sequence[WorkerEventIn]) -> None:
         """Apply a message's worker events and queue their acks."""
@@ -721,3 +795,14 @@ class Engine:
                 return
         if event.seq:
             session.send(AckOut(event.seq))
+
+
+def _assignment(events: Sequence[ServerEventOut]) -> ClaimedFlow | None:
+    flows = [e.flow for e in events if isinstance(e, AssignmentOut)]
+    return flows[0] if flows else None
+
+
+def _lease_lost(flow_id: str) -> FailedPreconditionError:
+    return FailedPreconditionError(
+        f"the lease on flow {flow_id!r} is no longer held by this worker", "LEASE_LOST"
+    )

@@ -38,6 +38,7 @@ from ergon_server.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     ResourceExhaustedError,
+    error_for_code,
 )
 from ergon_server.model import (
     EntryKind,
@@ -53,7 +54,7 @@ from ergon_server.model import (
     WaitRequest,
 )
 from ergon_server.rpc import convert
-from ergon_server.rpc.status import Undecodable, code_for, stream
+from ergon_server.rpc.status import Undecodable, code_for, stream, unary
 from ergon_worker_sdk.proto.ergon.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,67 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     await reader
         finally:
             self._engine.close_session(session)
+
+    # --- worker-poll: unary calls on the same engine path ---
+
+    @unary
+    async def PollTask(
+        self, request: worker_pb2.PollTaskRequest, context: Context
+    ) -> worker_pb2.PollTaskResponse:
+        """Wait (bounded) for one flow and lease it to the caller."""
+        flow = await self._engine.poll_flow(
+            request.worker_id,
+            list(request.flow_types),
+            request.protocol_version,
+            request.timeout_ms,
+            peer=context.peer() or "",
+        )
+        response = worker_pb2.PollTaskResponse(lease_ttl_ms=self._engine.config.lease_ttl_ms)
+        if flow is not None:
+            response.assignment.CopyFrom(convert.assignment_to_proto(flow))
+        return response
+
+    @unary
+    async def RecordStep(
+        self, request: worker_pb2.RecordStepRequest, context: Context
+    ) -> worker_pb2.RecordStepResponse:
+        """Record one step attempt, fenced; answers once it is durable."""
+        await self._apply_one(worker_pb2.WorkerEvent(seq=1, step_result=request.step))
+        return worker_pb2.RecordStepResponse()
+
+    @unary
+    async def CompleteTask(
+        self, request: worker_pb2.CompleteTaskRequest, context: Context
+    ) -> worker_pb2.CompleteTaskResponse:
+        """End a flow or give it back, fenced; answers once it is durable."""
+        outcome = request.WhichOneof("outcome")
+        if outcome == "completed":
+            event = worker_pb2.WorkerEvent(seq=1, flow_completed=request.completed)
+        elif outcome == "failed":
+            event = worker_pb2.WorkerEvent(seq=1, flow_failed=request.failed)
+        elif outcome == "release":
+            event = worker_pb2.WorkerEvent(seq=1, release=request.release)
+        else:
+            raise InvalidArgumentError(
+                "CompleteTask needs one of completed, failed or release", "UNKNOWN_EVENT"
+            )
+        await self._apply_one(event)
+        return worker_pb2.CompleteTaskResponse()
+
+    @unary
+    async def ExtendLease(
+        self, request: worker_pb2.ExtendLeaseRequest, context: Context
+    ) -> worker_pb2.ExtendLeaseResponse:
+        """Renew a held lease for another lease TTL."""
+        _check_lease(request.flow_id, request.lease_token)
+        expires_at = await self._engine.extend_lease(request.flow_id, request.lease_token)
+        return worker_pb2.ExtendLeaseResponse(lease_expires_at_ms=expires_at)
+
+    async def _apply_one(self, event: worker_pb2.WorkerEvent) -> None:
+        """Apply one event as the stream would; a refusing ack becomes the call's status."""
+        ack = await self._engine.apply_worker_event("poll-worker", self._parse(event))
+        if ack.code:
+            raise error_for_code(ack.code, ack.message, ack.reason)
 
     async def _read(self, session: Session, requests: Requests) -> ErgonError | None:
         """Handle the worker's messages; returns the refusal that ends the stream, if any."""

@@ -120,3 +120,44 @@ async def test_a_signal_sent_with_grpcurl_before_the_flow_waits_is_buffered() ->
             outcome = await client.wait("gc-1", timeout=10)
             await handle.shutdown()
         assert outcome.result == "lamp approved by ann"
+
+
+async def test_a_worker_made_of_grpcurl_calls_runs_a_flow_to_its_end() -> None:
+    """Worker-poll: poll, record a step, complete; a shell script could do the same."""
+    async with ErgonTestServer(allow_unregistered_flow_types=True) as server:
+
+        async def call(method: str, request: dict[str, object]) -> dict[str, object]:
+            out = await grpcurl("-plaintext", "-d", json.dumps(request), server.address, method)
+            return dict(json.loads(out))
+
+        await call(
+            "ergon.v1.SchedulerService/ScheduleFlow",
+            {"flow_id": "sh-1", "flow_type": "Shell", "input": {"json": {"n": 20}}},
+        )
+        polled = await call(
+            "ergon.v1.WorkerService/PollTask",
+            {"worker_id": "sh", "flow_types": ["Shell"], "timeout_ms": 5000, "protocol_version": 1},
+        )
+        task = polled["assignment"]
+        assert isinstance(task, dict)
+        assert task["flow_id"] == "sh-1" and task["input"]["json"] == {"n": 20}
+        lease = {"flow_id": "sh-1", "lease_token": task["lease_token"]}
+        await call(
+            "ergon.v1.WorkerService/RecordStep",
+            {"step": {**lease, "key": "double#1", "attempts": 1, "result": {"json": 40}}},
+        )
+        extended = await call("ergon.v1.WorkerService/ExtendLease", lease)
+        assert int(str(extended["lease_expires_at_ms"])) > 0
+        await call(
+            "ergon.v1.WorkerService/CompleteTask",
+            {"completed": {**lease, "result": {"json": {"doubled": 40}}}},
+        )
+        got = await call("ergon.v1.SchedulerService/GetFlow", {"flow_id": "sh-1"})
+        flow = got["flow"]
+        assert isinstance(flow, dict)
+        assert flow["status"] == "FLOW_STATUS_COMPLETED"
+        assert flow["result"]["json"] == {"doubled": 40}
+        history = await call("ergon.v1.SchedulerService/GetFlowHistory", {"flow_id": "sh-1"})
+        entries = history["entries"]
+        assert isinstance(entries, list)
+        assert [(e["key"], e["result"]["json"]) for e in entries] == [("double#1", 40)]

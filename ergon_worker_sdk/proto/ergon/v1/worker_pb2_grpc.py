@@ -46,6 +46,26 @@ class WorkerServiceStub:
                 request_serializer=ergon_dot_v1_dot_worker__pb2.ConnectRequest.SerializeToString,
                 response_deserializer=ergon_dot_v1_dot_worker__pb2.ConnectResponse.FromString,
                 _registered_method=True)
+        self.PollTask = channel.unary_unary(
+                '/ergon.v1.WorkerService/PollTask',
+                request_serializer=ergon_dot_v1_dot_worker__pb2.PollTaskRequest.SerializeToString,
+                response_deserializer=ergon_dot_v1_dot_worker__pb2.PollTaskResponse.FromString,
+                _registered_method=True)
+        self.RecordStep = channel.unary_unary(
+                '/ergon.v1.WorkerService/RecordStep',
+                request_serializer=ergon_dot_v1_dot_worker__pb2.RecordStepRequest.SerializeToString,
+                response_deserializer=ergon_dot_v1_dot_worker__pb2.RecordStepResponse.FromString,
+                _registered_method=True)
+        self.CompleteTask = channel.unary_unary(
+                '/ergon.v1.WorkerService/CompleteTask',
+                request_serializer=ergon_dot_v1_dot_worker__pb2.CompleteTaskRequest.SerializeToString,
+                response_deserializer=ergon_dot_v1_dot_worker__pb2.CompleteTaskResponse.FromString,
+                _registered_method=True)
+        self.ExtendLease = channel.unary_unary(
+                '/ergon.v1.WorkerService/ExtendLease',
+                request_serializer=ergon_dot_v1_dot_worker__pb2.ExtendLeaseRequest.SerializeToString,
+                response_deserializer=ergon_dot_v1_dot_worker__pb2.ExtendLeaseResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -63,6 +83,41 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PollTask(self, request, context):
+        """Worker-poll: the same leases, fencing and engine over unary calls, for a worker that
+        cannot hold a stream (a short worker in another language, a shell script with grpcurl).
+        Steps and ends only: a flow that waits (timers, signals, children) needs the stream.
+
+        Waits up to `timeout_ms` for one flow of the given types and leases it to the caller;
+        answers without an assignment when none came. The lease lasts `lease_ttl_ms` unless
+        extended (ExtendLease).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordStep(self, request, context):
+        """Records one step attempt's outcome; answers once it is durable. Fenced by the lease:
+        FAILED_PRECONDITION, reason LEASE_LOST, when the caller no longer holds it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteTask(self, request, context):
+        """Ends the flow (completed, failed or retried), or gives it back unfinished; fenced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExtendLease(self, request, context):
+        """Renews the lease for another lease TTL; fenced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -70,6 +125,26 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=ergon_dot_v1_dot_worker__pb2.ConnectRequest.FromString,
                     response_serializer=ergon_dot_v1_dot_worker__pb2.ConnectResponse.SerializeToString,
+            ),
+            'PollTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.PollTask,
+                    request_deserializer=ergon_dot_v1_dot_worker__pb2.PollTaskRequest.FromString,
+                    response_serializer=ergon_dot_v1_dot_worker__pb2.PollTaskResponse.SerializeToString,
+            ),
+            'RecordStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordStep,
+                    request_deserializer=ergon_dot_v1_dot_worker__pb2.RecordStepRequest.FromString,
+                    response_serializer=ergon_dot_v1_dot_worker__pb2.RecordStepResponse.SerializeToString,
+            ),
+            'CompleteTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteTask,
+                    request_deserializer=ergon_dot_v1_dot_worker__pb2.CompleteTaskRequest.FromString,
+                    response_serializer=ergon_dot_v1_dot_worker__pb2.CompleteTaskResponse.SerializeToString,
+            ),
+            'ExtendLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExtendLease,
+                    request_deserializer=ergon_dot_v1_dot_worker__pb2.ExtendLeaseRequest.FromString,
+                    response_serializer=ergon_dot_v1_dot_worker__pb2.ExtendLeaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -105,6 +180,114 @@ class WorkerService:
             '/ergon.v1.WorkerService/Connect',
             ergon_dot_v1_dot_worker__pb2.ConnectRequest.SerializeToString,
             ergon_dot_v1_dot_worker__pb2.ConnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PollTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ergon.v1.WorkerService/PollTask',
+            ergon_dot_v1_dot_worker__pb2.PollTaskRequest.SerializeToString,
+            ergon_dot_v1_dot_worker__pb2.PollTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ergon.v1.WorkerService/RecordStep',
+            ergon_dot_v1_dot_worker__pb2.RecordStepRequest.SerializeToString,
+            ergon_dot_v1_dot_worker__pb2.RecordStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ergon.v1.WorkerService/CompleteTask',
+            ergon_dot_v1_dot_worker__pb2.CompleteTaskRequest.SerializeToString,
+            ergon_dot_v1_dot_worker__pb2.CompleteTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtendLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ergon.v1.WorkerService/ExtendLease',
+            ergon_dot_v1_dot_worker__pb2.ExtendLeaseRequest.SerializeToString,
+            ergon_dot_v1_dot_worker__pb2.ExtendLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

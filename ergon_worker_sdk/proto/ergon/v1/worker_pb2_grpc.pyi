@@ -41,6 +41,23 @@ class WorkerServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> WorkerServiceAsyncStub: ...
     Connect: _grpc.StreamStreamMultiCallable[_worker_pb2.ConnectRequest, _worker_pb2.ConnectResponse]
+    PollTask: _grpc.UnaryUnaryMultiCallable[_worker_pb2.PollTaskRequest, _worker_pb2.PollTaskResponse]
+    """Worker-poll: the same leases, fencing and engine over unary calls, for a worker that
+    cannot hold a stream (a short worker in another language, a shell script with grpcurl).
+    Steps and ends only: a flow that waits (timers, signals, children) needs the stream.
+
+    Waits up to `timeout_ms` for one flow of the given types and leases it to the caller;
+    answers without an assignment when none came. The lease lasts `lease_ttl_ms` unless
+    extended (ExtendLease).
+    """
+    RecordStep: _grpc.UnaryUnaryMultiCallable[_worker_pb2.RecordStepRequest, _worker_pb2.RecordStepResponse]
+    """Records one step attempt's outcome; answers once it is durable. Fenced by the lease:
+    FAILED_PRECONDITION, reason LEASE_LOST, when the caller no longer holds it.
+    """
+    CompleteTask: _grpc.UnaryUnaryMultiCallable[_worker_pb2.CompleteTaskRequest, _worker_pb2.CompleteTaskResponse]
+    """Ends the flow (completed, failed or retried), or gives it back unfinished; fenced."""
+    ExtendLease: _grpc.UnaryUnaryMultiCallable[_worker_pb2.ExtendLeaseRequest, _worker_pb2.ExtendLeaseResponse]
+    """Renews the lease for another lease TTL; fenced."""
 
 @_typing.type_check_only
 class WorkerServiceAsyncStub(WorkerServiceStub):
@@ -54,6 +71,23 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Connect: _aio.StreamStreamMultiCallable[_worker_pb2.ConnectRequest, _worker_pb2.ConnectResponse]  # type: ignore[assignment]
+    PollTask: _aio.UnaryUnaryMultiCallable[_worker_pb2.PollTaskRequest, _worker_pb2.PollTaskResponse]  # type: ignore[assignment]
+    """Worker-poll: the same leases, fencing and engine over unary calls, for a worker that
+    cannot hold a stream (a short worker in another language, a shell script with grpcurl).
+    Steps and ends only: a flow that waits (timers, signals, children) needs the stream.
+
+    Waits up to `timeout_ms` for one flow of the given types and leases it to the caller;
+    answers without an assignment when none came. The lease lasts `lease_ttl_ms` unless
+    extended (ExtendLease).
+    """
+    RecordStep: _aio.UnaryUnaryMultiCallable[_worker_pb2.RecordStepRequest, _worker_pb2.RecordStepResponse]  # type: ignore[assignment]
+    """Records one step attempt's outcome; answers once it is durable. Fenced by the lease:
+    FAILED_PRECONDITION, reason LEASE_LOST, when the caller no longer holds it.
+    """
+    CompleteTask: _aio.UnaryUnaryMultiCallable[_worker_pb2.CompleteTaskRequest, _worker_pb2.CompleteTaskResponse]  # type: ignore[assignment]
+    """Ends the flow (completed, failed or retried), or gives it back unfinished; fenced."""
+    ExtendLease: _aio.UnaryUnaryMultiCallable[_worker_pb2.ExtendLeaseRequest, _worker_pb2.ExtendLeaseResponse]  # type: ignore[assignment]
+    """Renews the lease for another lease TTL; fenced."""
 
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Workers hold one bidirectional stream each. Every message carries a list of events, so that
@@ -70,5 +104,46 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_worker_pb2.ConnectRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_worker_pb2.ConnectResponse], _abc.AsyncIterator[_worker_pb2.ConnectResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PollTask(
+        self,
+        request: _worker_pb2.PollTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.PollTaskResponse, _abc.Awaitable[_worker_pb2.PollTaskResponse]]:
+        """Worker-poll: the same leases, fencing and engine over unary calls, for a worker that
+        cannot hold a stream (a short worker in another language, a shell script with grpcurl).
+        Steps and ends only: a flow that waits (timers, signals, children) needs the stream.
+
+        Waits up to `timeout_ms` for one flow of the given types and leases it to the caller;
+        answers without an assignment when none came. The lease lasts `lease_ttl_ms` unless
+        extended (ExtendLease).
+        """
+
+    @_abc_1.abstractmethod
+    def RecordStep(
+        self,
+        request: _worker_pb2.RecordStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.RecordStepResponse, _abc.Awaitable[_worker_pb2.RecordStepResponse]]:
+        """Records one step attempt's outcome; answers once it is durable. Fenced by the lease:
+        FAILED_PRECONDITION, reason LEASE_LOST, when the caller no longer holds it.
+        """
+
+    @_abc_1.abstractmethod
+    def CompleteTask(
+        self,
+        request: _worker_pb2.CompleteTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.CompleteTaskResponse, _abc.Awaitable[_worker_pb2.CompleteTaskResponse]]:
+        """Ends the flow (completed, failed or retried), or gives it back unfinished; fenced."""
+
+    @_abc_1.abstractmethod
+    def ExtendLease(
+        self,
+        request: _worker_pb2.ExtendLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.ExtendLeaseResponse, _abc.Awaitable[_worker_pb2.ExtendLeaseResponse]]:
+        """Renews the lease for another lease TTL; fenced."""
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
