@@ -557,6 +557,10 @@ class Engine:
         # Never given to the dispatcher: nothing is sent to it but the event's ack.
         session = Session(uuid.uuid4().hex, worker_id, (), 0, connected_at=self.clock.now_ms())
         await self.handle_worker_events(session, [event])
+        if isinstance(event, ReleaseIn | FlowFinishIn):
+            # No session of ours held the flow, so no freed slot wakes the dispatcher; but a
+            # flow given back or retried is ready again (now, or at its retry time).
+            self.dispatcher.wake()
         acks = [e for e in await session.next_batch() if isinstance(e, AckOut)]
         if len(acks) != 1:
             raise StoreError(f"a worker event was answered {len(acks)} times")

@@ -278,3 +278,40 @@ async def test_bad_poll_requests_get_precise_statuses(
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await call(worker)  # type: ignore[operator]
     assert refused.value.code() is code
+
+
+async def test_a_flow_a_poller_gives_back_goes_at_once_to_a_waiting_stream_worker() -> None:
+    # The dispatcher's safety poll is a minute here: only a wake can hand the flow on in time.
+    async with (
+        ErgonTestServer(
+            allow_unregistered_flow_types=True, dispatch_poll_interval_ms=60_000
+        ) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        worker = worker_pb2_grpc.WorkerServiceStub(channel)
+        await schedule(scheduler_pb2_grpc.SchedulerServiceStub(channel), "p-handoff")
+        taken = (await poll(worker)).assignment
+        stream = worker.Connect()
+        register = worker_pb2.Register(
+            worker_id="streamer", flow_types=["Poll"], capacity=1, protocol_version=1
+        )
+        await stream.write(
+            worker_pb2.ConnectRequest(events=[worker_pb2.WorkerEvent(register=register)])
+        )
+        first = await stream.read()
+        assert isinstance(first, worker_pb2.ConnectResponse)
+        assert first.events[0].WhichOneof("event") == "registered"
+        await worker.CompleteTask(
+            worker_pb2.CompleteTaskRequest(
+                release=worker_pb2.Release(flow_id="p-handoff", lease_token=taken.lease_token)
+            )
+        )
+        async with asyncio.timeout(10):
+            while True:
+                response = await stream.read()
+                assert isinstance(response, worker_pb2.ConnectResponse)
+                assigned = [e for e in response.events if e.WhichOneof("event") == "assignment"]
+                if assigned:
+                    break
+        assert assigned[0].assignment.flow_id == "p-handoff"
+        stream.cancel()
