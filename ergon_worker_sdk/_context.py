@@ -240,6 +240,9 @@ class FlowContext:
         self._boundary()
         if self._unacked:
             await self.settle()
+            # The server sends a cancel ahead of the acks of results sent after it: it may
+            # have arrived while those were stored.
+            self._boundary()
         policy = definition.retry_policy
         self._inflight += 1
         self._activity += 1

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from ergon_server.rpc import convert
 from ergon_worker_sdk import (
+    FlowCancelledError,
     FlowContext,
     HistoryMismatchError,
     JsonConverter,
@@ -439,6 +440,33 @@ async def test_no_step_runs_on_a_result_the_server_has_not_stored() -> None:
         assert not second.done() and "beta" not in instance.runs
         release.set()
         with pytest.raises(LeaseLostError):
+            await second
+    finally:
+        FlowContext.deactivate(token)
+    assert instance.runs == {"alpha": 1}
+
+
+async def test_a_cancel_heard_while_the_last_result_is_stored_stops_the_next_step() -> None:
+    """The server sends a cancel ahead of the acks of results sent after it; the next step's
+    body waits for those acks, so it must look for the cancel again before it runs."""
+    release = asyncio.Event()
+
+    async def slow_ack(event: worker_pb2.WorkerEvent) -> worker_pb2.Ack:
+        await release.wait()
+        return worker_pb2.Ack()
+
+    context = make_context(slow_ack, "prop-cancel")
+    instance = Program()
+    token = context.activate()
+    try:
+        await instance.alpha(1)  # returns before its ack
+        second = asyncio.ensure_future(instance.beta(2))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not second.done()
+        context.request_cancel()  # the cancel notice, then alpha's ack
+        release.set()
+        with pytest.raises(FlowCancelledError):
             await second
     finally:
         FlowContext.deactivate(token)
