@@ -103,6 +103,8 @@ class WorkerStream:
         self._closing = False
         self.session_id = ""
         self.heartbeat_interval_s = 5.0
+        # The server's lease TTL, once registered: reconnect attempts stay well inside it.
+        self.lease_ttl_s: float | None = None
         self.connects = 0
         self.failure: Exception | None = None
         self._was_healthy = False
@@ -210,7 +212,15 @@ class WorkerStream:
             if self._was_healthy:
                 backoff = self._initial_backoff_s
             await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, self._max_backoff_s)
+            backoff = min(backoff * 2, self._reconnect_cap_s())
+
+    def _reconnect_cap_s(self) -> float:
+        # A worker re-attaches its running flows only if it is back within their lease: with
+        # jitter, the longest wait is 1.5 x the cap, so at most a quarter of the TTL keeps
+        # several attempts inside it (after a network drop, or a server restart).
+        if self.lease_ttl_s is None:
+            return self._max_backoff_s
+        return min(self._max_backoff_s, max(self._initial_backoff_s, self.lease_ttl_s / 4))
 
     async def _session_once(self) -> None:
         self._was_healthy = False
@@ -247,6 +257,8 @@ class WorkerStream:
             registered = first.events[0].registered
             self.session_id = registered.session_id
             self.heartbeat_interval_s = max(0.05, registered.heartbeat_interval_ms / 1000)
+            if registered.lease_ttl_ms > 0:
+                self.lease_ttl_s = registered.lease_ttl_ms / 1000
             self.connects += 1
             self._handler.on_registered(set(registered.reattached_flow_ids))
             # Everything not yet acknowledged goes again, in order, on the new stream.
