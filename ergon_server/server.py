@@ -109,9 +109,16 @@ class ErgonServer:
         except (RuntimeError, OSError) as error:
             await self.store.close()
             raise OSError(f"cannot listen on {self.config.listen}: {error}") from error
-        await server.start()
-        self._server = server
+        # The engine first: a worker that reconnects the moment the port opens must find its
+        # leases already renewed after a restart (see `Engine.start`).
         await self.engine.start()
+        try:
+            await server.start()
+        except BaseException:
+            await self.engine.shutdown()
+            await self.store.close()
+            raise
+        self._server = server
         if self.config.metrics_listen:
             host, _, port = self.config.metrics_listen.rpartition(":")
             self._metrics_server = await metrics.serve(

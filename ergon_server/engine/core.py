@@ -121,10 +121,41 @@ class Engine:
     # ----------------------------------------------------------------- life cycle
 
     async def start(self) -> None:
-        """Start the background loops and listen to changes other replicas make."""
+        """Start the background loops and listen to changes other replicas make.
+
+        Call before serving workers: on a store this server has to itself, it first renews
+        the leases left from before a restart (`_restart_leases`).
+        """
         if self._runner is None:
             await self.store.subscribe(self._on_store_event)
+            if not self.store.shared:
+                await self._restart_leases()
             self._runner = asyncio.create_task(self._run(), name="ergon-engine")
+
+    async def _restart_leases(self) -> None:
+        """Give every lease of a flow left RUNNING one lease TTL from now.
+
+        This server is its store's only one, so no worker could reach a server while it was
+        down: that time does not count against their leases. A worker that reconnects within
+        the TTL re-attaches its flows instead of having them re-run elsewhere; the leases of
+        workers that are gone expire one TTL later than they would have.
+        """
+        expires_at = self.clock.now_ms() + self.config.lease_ttl_ms
+        owners: set[str] = set()
+        cursor: int | None = None
+        while True:
+            page = await self.store.list_flows(
+                [FlowStatus.RUNNING], None, self.config.max_page_size, cursor
+            )
+            owners.update(f.lease_owner for f in page.flows if f.lease_owner is not None)
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        renewed = 0
+        for owner in sorted(owners):
+            renewed += await self.store.renew_leases(owner, expires_at)
+        if renewed:
+            log.info("%d leases left from before the restart renewed for one lease TTL", renewed)
 
     def _on_store_event(self, event: StoreEvent) -> None:
         """React to a change another replica made in the shared store (a hint)."""

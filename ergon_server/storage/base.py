@@ -49,6 +49,10 @@ from ergon_server.model import (
 class Store(Protocol):
     """Durable state of flows, journals, leases and signals."""
 
+    # Whether other server processes may use the same database at once (PostgreSQL replicas);
+    # False when this process is its only user (SQLite, memory).
+    shared: bool
+
     async def open(self) -> None:
         """Connect and apply pending migrations; raise SchemaVersionError if the schema is newer."""
         ...

@@ -211,6 +211,8 @@ class MemoryStore:
     Data survives `close()` and a later `open()` of the same instance, not the process.
     """
 
+    shared = False  # one process's memory
+
     def __init__(self) -> None:
         # Insertion order is scheduling order (flows are never removed).
         self._flows: dict[str, _Flow] = {}

@@ -1502,6 +1502,8 @@ class PostgresStore(BatchedStore):
             (application_name "ergon-server", idle_in_transaction_session_timeout 60 s).
     """
 
+    shared = True  # replicas share the database
+
     _commands = CommandSet(
         register_flow_types=_RegisterFlowTypes,
         schedule_flows=_ScheduleFlows,

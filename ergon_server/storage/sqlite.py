@@ -1225,6 +1225,8 @@ class SqliteStore(BatchedStore):
             before the call fails with `StoreUnavailableError`.
     """
 
+    shared = False  # one server process owns the file
+
     _commands = CommandSet(
         register_flow_types=_RegisterFlowTypes,
         schedule_flows=_ScheduleFlows,

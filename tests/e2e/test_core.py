@@ -7,6 +7,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from ergon_worker_sdk import Client, FlowStatus
 from tests.support.processes import ServerProcess, WorkerProcess, eventually, read_events, step_runs
 from tests.support.worker_app import FiveSteps, Flaky, ThreeSteps
@@ -114,3 +116,27 @@ async def test_500_flows_across_three_workers_respect_capacity_and_share_fairly(
     assert len(ends) == 3
     # Equal workers: each within a generous band around a third.
     assert min(ends.values()) >= 500 / 3 * 0.6, ends
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_a_server_down_longer_than_a_lease_lets_its_workers_reattach(
+    server_process: ServerProcess, start_worker: Callable[..., WorkerProcess], events: Path
+) -> None:
+    # SQLite has one server: while it is down no worker can heartbeat anywhere, so that time
+    # must not cost them their leases (here 4 s) and re-run the steps they are running.
+    start_worker("w1", capacity=5, step_delay=3.0)
+    async with Client(server_process.address, retry_timeout_s=60) as client:
+        flow_ids = await client.schedule_many([ThreeSteps(n=i) for i in range(3)])
+
+        def started() -> int:
+            return sum(1 for e in read_events(events) if e[:1] == ["step-start"])
+
+        await eventually(lambda: started() >= 3, what="the three first steps running")
+        server_process.kill()
+        await asyncio.sleep(6)  # longer than the 4 s lease TTL
+        server_process.start()
+        outcomes = await asyncio.gather(*(client.wait(f, timeout=60) for f in flow_ids))
+    assert [o.status for o in outcomes] == [FlowStatus.COMPLETED] * 3
+    starts = Counter((e[1], e[2]) for e in read_events(events) if e[0] == "step-start")
+    assert set(starts.values()) == {1}, f"a step ran again after the restart: {starts}"
+    assert len(starts) == 9
