@@ -42,7 +42,9 @@ async def run_one(
             "system": "ergon",
             "store": store,
             "replicas": replicas,
-            "synchronous": synchronous if store == "sqlite" else "postgres default",
+            "synchronous": {"sqlite": synchronous, "memory": "none (nothing kept)"}.get(
+                store, "postgres default"
+            ),
             **deployment.facts,
             **figures,
         }
@@ -105,7 +107,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         choices=["throughput", "latency", "timers", "backlog", "suite", "install-peers"],
     )
     parser.add_argument("--flows", type=int, default=0, help="flows (workload default if 0)")
-    parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument(
+        "--store",
+        choices=["sqlite", "postgres", "memory"],
+        default="sqlite",
+        help="memory: the server's in-memory store, no disk and no SQL (a floor, not durable)",
+    )
     parser.add_argument("--replicas", type=int, default=1, help="server replicas (PostgreSQL)")
     parser.add_argument("--capacity", type=int, default=200, help="the worker's capacity")
     parser.add_argument("--synchronous", choices=["FULL", "NORMAL"], default="FULL")

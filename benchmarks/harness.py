@@ -196,7 +196,7 @@ class Deployment:
 async def deploy(
     store: str = "sqlite", replicas: int = 1, capacity: int = 200, synchronous: str = "FULL"
 ) -> AsyncIterator[Deployment]:
-    """Start servers on a fresh store (SQLite file or PostgreSQL database); stop them after."""
+    """Start servers on a fresh store (SQLite file, PostgreSQL database, memory); stop after."""
     deployment = Deployment(store, replicas, capacity, synchronous)
     with tempfile.TemporaryDirectory(prefix="ergon-bench-") as tmp:
         workdir = Path(tmp)
@@ -207,8 +207,8 @@ async def deploy(
                 db = dsn
             else:
                 if replicas != 1:
-                    raise ValueError("SQLite is served by one server; replicas need PostgreSQL")
-                db = f"sqlite:///{workdir / 'bench.db'}"
+                    raise ValueError(f"{store} is served by one server; replicas need PostgreSQL")
+                db = "memory://" if store == "memory" else f"sqlite:///{workdir / 'bench.db'}"
             extra = ["--allow-unregistered-flow-types", "--sqlite-synchronous", synchronous]
             for _ in range(replicas):
                 server = Server(db, workdir, extra)

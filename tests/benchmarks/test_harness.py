@@ -18,8 +18,9 @@ from benchmarks.__main__ import cli
         ["latency", "--flows", "5"],
         ["timers", "--flows", "30", "--seconds", "0.2"],
         ["backlog", "--queued", "60", "--measured", "20"],
+        ["latency", "--flows", "5", "--store", "memory"],
     ],
-    ids=["throughput", "latency", "timers", "backlog"],
+    ids=["throughput", "latency", "timers", "backlog", "latency-memory"],
 )
 async def test_workload_runs_at_a_tiny_size(argv: list[str], tmp_path: Path) -> None:
     import asyncio
