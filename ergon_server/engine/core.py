@@ -33,6 +33,7 @@ from ergon_server.engine.sessions import (
     WaitIn,
     WakeupOut,
     WorkerEventIn,
+    lease_lost,
 )
 from ergon_server.errors import (
     AlreadyExistsError,
@@ -605,11 +606,11 @@ class Engine:
             or record.lease_token != lease_token
             or record.lease_owner is None
         ):
-            raise _lease_lost(flow_id)
+            raise lease_lost(flow_id)
         expires_at = self.clock.now_ms() + self.config.lease_ttl_ms
         # By owner: the lease is renewed only while the session that claimed it holds it.
         if not await self.store.renew_leases(record.lease_owner, expires_at):
-            raise _lease_lost(flow_id)
+            raise lease_lost(flow_id)
         return expires_at
 
     async def handle_worker_events(self, session: Session, events: Sequence[WorkerEventIn]) -> None:
@@ -652,7 +653,7 @@ class Engine:
         )
         for seq in seqs:
             if seq:
-                session.send(AckOut(seq, error.grpc_code, error.reason, error.message))
+                session.send(AckOut.refusing(seq, error))
 
     def _ack_fenced(
         self, session: Session, seq: int, flow_id: str, lease_token: int, outcome: WriteOutcome
@@ -835,9 +836,3 @@ class Engine:
 def _assignment(events: Sequence[ServerEventOut]) -> ClaimedFlow | None:
     flows = [e.flow for e in events if isinstance(e, AssignmentOut)]
     return flows[0] if flows else None
-
-
-def _lease_lost(flow_id: str) -> FailedPreconditionError:
-    return FailedPreconditionError(
-        f"the lease on flow {flow_id!r} is no longer held by this worker", "LEASE_LOST"
-    )

@@ -9,6 +9,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from ergon_server.errors import (
+    ErgonError,
+    FailedPreconditionError,
+    NotFoundError,
+    error_for_code,
+)
 from ergon_server.model import (
     ClaimedFlow,
     FlowFinish,
@@ -21,12 +27,29 @@ from ergon_server.model import (
     WriteOutcome,
 )
 
-# gRPC status codes carried in acks (grpc.StatusCode values, without importing grpc here).
+# The gRPC status code of an ack that accepts its event.
 CODE_OK = 0
-CODE_NOT_FOUND = 5
-CODE_FAILED_PRECONDITION = 9
-CODE_UNAVAILABLE = 14
-CODE_INTERNAL = 13
+
+
+def lease_lost(flow_id: str) -> FailedPreconditionError:
+    """The refusal of a write under a lease the worker no longer holds."""
+    return FailedPreconditionError(
+        f"the lease on flow {flow_id!r} is no longer held by this worker", "LEASE_LOST"
+    )
+
+
+def outcome_error(outcome: WriteOutcome, flow_id: str) -> ErgonError | None:
+    """The refusal a fenced write's outcome stands for; None when it applied."""
+    if outcome is WriteOutcome.OK:
+        return None
+    if outcome is WriteOutcome.LEASE_LOST:
+        return lease_lost(flow_id)
+    if outcome is WriteOutcome.NOT_RECORDED:
+        return FailedPreconditionError(
+            f"flow {flow_id!r} cannot end before the step results it names are recorded",
+            "STEP_NOT_RECORDED",
+        )
+    return NotFoundError(f"flow {flow_id!r} does not exist", "FLOW_NOT_FOUND")
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,23 +137,19 @@ class AckOut:
     @classmethod
     def for_outcome(cls, seq: int, outcome: WriteOutcome, flow_id: str) -> AckOut:
         """The ack for a fenced write's outcome."""
-        if outcome is WriteOutcome.OK:
-            return cls(seq)
-        if outcome is WriteOutcome.LEASE_LOST:
-            return cls(
-                seq,
-                CODE_FAILED_PRECONDITION,
-                "LEASE_LOST",
-                f"the lease on flow {flow_id!r} is no longer held by this worker",
-            )
-        if outcome is WriteOutcome.NOT_RECORDED:
-            return cls(
-                seq,
-                CODE_FAILED_PRECONDITION,
-                "STEP_NOT_RECORDED",
-                f"flow {flow_id!r} cannot end before the step results it names are recorded",
-            )
-        return cls(seq, CODE_NOT_FOUND, "FLOW_NOT_FOUND", f"flow {flow_id!r} does not exist")
+        error = outcome_error(outcome, flow_id)
+        return cls(seq) if error is None else cls.refusing(seq, error)
+
+    @classmethod
+    def refusing(cls, seq: int, error: ErgonError) -> AckOut:
+        """The ack that refuses an event with this error's status."""
+        return cls(seq, error.grpc_code, error.reason, error.message)
+
+    def error(self) -> ErgonError | None:
+        """The error this ack refuses its event with; None when it accepts it."""
+        if self.code == CODE_OK:
+            return None
+        return error_for_code(self.code, self.message, self.reason)
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,7 @@ from ergon_server.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     ResourceExhaustedError,
-    error_for_code,
+    StoreError,
 )
 from ergon_server.model import (
     EntryKind,
@@ -54,7 +54,7 @@ from ergon_server.model import (
     WaitRequest,
 )
 from ergon_server.rpc import convert
-from ergon_server.rpc.status import Undecodable, code_for, stream, unary
+from ergon_server.rpc.status import Undecodable, stream, unary
 from ergon_worker_sdk.proto.ergon.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -251,8 +251,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def _apply_one(self, event: worker_pb2.WorkerEvent) -> None:
         """Apply one event as the stream would; a refusing ack becomes the call's status."""
         ack = await self._engine.apply_worker_event("poll-worker", self._parse(event))
-        if ack.code:
-            raise error_for_code(ack.code, ack.message, ack.reason)
+        error = ack.error()
+        if error is not None:
+            raise error
 
     async def _read(self, session: Session, requests: Requests) -> ErgonError | None:
         """Handle the worker's messages; returns the refusal that ends the stream, if any."""
@@ -284,15 +285,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             except ErgonError as error:
                 log.info("worker %s sent a bad event: %s", session.worker_id, error.message)
                 if event.seq:
-                    code = code_for(error).value[0]
-                    session.send(AckOut(event.seq, code, error.reason, error.message))
+                    session.send(AckOut.refusing(event.seq, error))
         try:
             await self._engine.handle_worker_events(session, parsed)
         except Exception:
             log.exception("handling events of worker %s failed", session.worker_id)
             for item in parsed:
                 if item.seq:
-                    session.send(AckOut(item.seq, 13, "INTERNAL", "internal error; see server log"))
+                    internal = StoreError("internal error; see server log", "INTERNAL")
+                    session.send(AckOut.refusing(item.seq, internal))
 
     def _parse(self, event: worker_pb2.WorkerEvent) -> WorkerEventIn:
         kind = event.WhichOneof("event")
