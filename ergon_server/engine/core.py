@@ -152,9 +152,12 @@ class Engine:
             if page.next_cursor is None:
                 break
             cursor = page.next_cursor
-        renewed = 0
-        for owner in sorted(owners):
-            renewed += await self.store.renew_leases(owner, expires_at)
+        # Submitted together, the renewals share one group commit.
+        renewed = sum(
+            await asyncio.gather(
+                *(self.store.renew_leases(owner, expires_at) for owner in sorted(owners))
+            )
+        )
         if renewed:
             log.info("%d leases left from before the restart renewed for one lease TTL", renewed)
 
