@@ -257,6 +257,7 @@ def _encode_events(
     """
     head = [json.dumps(["O", origin], separators=(",", ":"), ensure_ascii=True)] if origin else []
     base = 2 + sum(len(h) for h in head)  # "[", "]" and the head
+    after_head = 1 if head else 0  # the comma between the head and the first event
     payloads: list[str] = []
     parts: list[str] = []
     used = base
@@ -270,13 +271,13 @@ def _encode_events(
         elif event.kind is StoreEventKind.ENDED:
             item.append(event.flow_id)
         part = json.dumps(item, separators=(",", ":"), ensure_ascii=True)
-        if base + len(head) + len(part) > limit:
+        if base + after_head + len(part) > limit:
             _log.debug("dropping a store event too big to notify: %s...", part[:100])
             continue
         if parts and used + 1 + len(part) > limit:
             payloads.append("[" + ",".join(head + parts) + "]")
             parts, used = [], base
-        used += len(part) + (1 if head or parts else 0)
+        used += len(part) + (1 if parts else after_head)
         parts.append(part)
     if parts:
         payloads.append("[" + ",".join(head + parts) + "]")
@@ -1822,7 +1823,7 @@ class PostgresStore(BatchedStore):
     # --- notifications ---
 
     async def subscribe(self, listener: Callable[[StoreEvent], None]) -> None:
-        """Deliver hints of changes other processes made through this database (LISTEN).
+        """Deliver hints of changes other store instances made through this database (LISTEN).
 
         The first call opens a dedicated LISTEN connection (failing if it cannot); it
         reconnects by itself if dropped, and then delivers READY and TIMER since events sent
