@@ -163,9 +163,10 @@ class FlowContext:
         self._inflight = 0
         self._activity = 0
         self._suspending = False
-        # Set while no suspend is in flight. A suspend cancels the flow's open waits it does not
-        # name, so a wait registered meanwhile could be cancelled by it (when a store outage
-        # made the suspend go again after the new wait): new waits wait for its answer.
+        # Set while no suspend is in flight: new waits wait for its answer, so the server sees a
+        # flow's suspends and waits in the order the flow made them. (A suspend sent again
+        # after a store outage once overtook a newer wait and cancelled it; the server now
+        # cancels only the waits a suspend names as given up, and this keeps the order too.)
         self._no_suspend_in_flight = asyncio.Event()
         self._no_suspend_in_flight.set()
         self._background: set[asyncio.Task[None]] = set()

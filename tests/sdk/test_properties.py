@@ -474,9 +474,9 @@ async def test_a_cancel_heard_while_the_last_result_is_stored_stops_the_next_ste
 
 
 async def test_a_new_wait_is_not_sent_while_a_suspend_is_in_flight() -> None:
-    """A suspend cancels the open waits it does not name. If a wait registered after it could
-    overtake it (the suspend sent again after a store outage, say), the suspend would cancel
-    that newer wait and the flow would sleep forever: so new waits wait for its answer."""
+    """A wait registered while a suspend is in flight could overtake it (the suspend sent again
+    after a store outage, say); a suspend that cancelled the open waits it did not name then
+    cancelled that newer wait and the flow slept forever. New waits wait for its answer."""
     sent: list[str] = []
     suspend_answer = asyncio.Event()
 
