@@ -420,6 +420,15 @@ def test_a_dropped_call_leaves_its_recorded_step_unreplayed(program: list[Op]) -
     asyncio.run(main())
 
 
+async def next_step_waiting_on_an_ack(instance: Program) -> tuple[Any, asyncio.Future[Any]]:
+    """Run `alpha` (it returns before its ack), start `beta`, and let the loop turn a while."""
+    first = await instance.alpha(1)
+    second = asyncio.ensure_future(instance.beta(2))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    return first, second
+
+
 async def test_no_step_runs_on_a_result_the_server_has_not_stored() -> None:
     """The flow's code runs on past an unacknowledged result; the next step's body does not."""
     release = asyncio.Event()
@@ -432,11 +441,8 @@ async def test_no_step_runs_on_a_result_the_server_has_not_stored() -> None:
     instance = Program()
     token = context.activate()
     try:
-        first = await instance.alpha(1)  # returns before the (slow) ack
+        first, second = await next_step_waiting_on_an_ack(instance)
         assert first == Out("alpha", 1) and context.unacked_keys() == ["alpha#1"]
-        second = asyncio.ensure_future(instance.beta(2))
-        for _ in range(10):
-            await asyncio.sleep(0)
         assert not second.done() and "beta" not in instance.runs
         release.set()
         with pytest.raises(LeaseLostError):
@@ -459,10 +465,7 @@ async def test_a_cancel_heard_while_the_last_result_is_stored_stops_the_next_ste
     instance = Program()
     token = context.activate()
     try:
-        await instance.alpha(1)  # returns before its ack
-        second = asyncio.ensure_future(instance.beta(2))
-        for _ in range(10):
-            await asyncio.sleep(0)
+        _, second = await next_step_waiting_on_an_ack(instance)
         assert not second.done()
         context.request_cancel()  # the cancel notice, then alpha's ack
         release.set()
