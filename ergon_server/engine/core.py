@@ -592,10 +592,6 @@ class Engine:
         # Never given to the dispatcher: nothing is sent to it but the event's ack.
         session = Session(uuid.uuid4().hex, worker_id, (), 0, connected_at=self.clock.now_ms())
         await self.handle_worker_events(session, [event])
-        if isinstance(event, ReleaseIn | FlowFinishIn):
-            # No session of ours held the flow, so no freed slot wakes the dispatcher; but a
-            # flow given back or retried is ready again (now, or at its retry time).
-            self.dispatcher.wake()
         acks = [e for e in await session.next_batch() if isinstance(e, AckOut)]
         if len(acks) != 1:
             raise StoreError(f"a worker event was answered {len(acks)} times")
@@ -703,11 +699,11 @@ class Engine:
         for event, outcome in zip(events, outcomes, strict=True):
             finish = event.finish
             if outcome is WriteOutcome.OK:
-                self.dispatcher.forget(
-                    finish.flow_id,
-                    finish.lease_token,
-                    ended=finish.status is FlowStatus.COMPLETED,
-                )
+                # The freed slot alone calls for no pass (see `forget`); a retried flow is
+                # work again, whoever held it (a poll worker's session is already gone).
+                self.dispatcher.forget(finish.flow_id, finish.lease_token, ended=True)
+                if finish.retry_delay_ms > 0:
+                    self.dispatcher.wake()
                 self._notify(finish.flow_id)
                 ended = "retried" if finish.retry_delay_ms > 0 else finish.status.value.lower()
                 self.metrics.flows_finished.labels(ended).inc()
@@ -815,6 +811,8 @@ class Engine:
             lease = event.lease
             if outcome is WriteOutcome.OK:
                 self.dispatcher.forget(lease.flow_id, lease.lease_token)
+                # Ready again, whoever held it (a poll worker's session is already gone).
+                self.dispatcher.wake()
             self._ack_fenced(session, event.seq, lease.flow_id, lease.lease_token, outcome)
 
     async def _control(self, session: Session, event: HeartbeatIn | CapacityIn) -> None:
