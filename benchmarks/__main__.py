@@ -17,83 +17,13 @@ import argparse
 import asyncio
 import datetime
 import json
+import os
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
-from benchmarks import peers
-from benchmarks.harness import Deployment, deploy, machine_facts, progress
-from benchmarks.workloads import backlog, latency, throughput, timers
+from ergon_server.grpc_io import prefer_iomgr
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-Run = Callable[[Deployment], Awaitable[dict[str, Any]]]
-
-
-async def run_one(
-    name: str, run: Run, *, store: str, replicas: int, capacity: int, synchronous: str
-) -> dict[str, Any]:
-    progress(f"{name} on {store} x{replicas}")
-    async with deploy(store, replicas, capacity, synchronous) as deployment:
-        figures = await run(deployment)
-        return {
-            "workload": name,
-            "system": "ergon",
-            "store": store,
-            "replicas": replicas,
-            "synchronous": {"sqlite": synchronous, "memory": "none (nothing kept)"}.get(
-                store, "postgres default"
-            ),
-            **deployment.facts,
-            **figures,
-        }
-
-
-def print_table(rows: list[dict[str, Any]]) -> None:
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
-    print("  ".join(k.ljust(widths[k]) for k in keys))
-    for row in rows:
-        print("  ".join(str(row.get(k, "")).ljust(widths[k]) for k in keys))
-
-
-async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
-    common = {"capacity": args.capacity, "synchronous": args.synchronous}
-    rows: list[dict[str, Any]] = []
-
-    async def add(
-        name: str, run: Run, store: str = args.store, replicas: int = args.replicas
-    ) -> None:
-        rows.append(await run_one(name, run, store=store, replicas=replicas, **common))
-
-    flows = args.flows
-    if args.workload in ("throughput", "suite"):
-        await add("throughput", lambda d: throughput(d, flows or 1000))
-    if args.workload in ("latency", "suite"):
-        await add("latency", lambda d: latency(d, flows or 200))
-    if args.workload in ("timers", "suite"):
-        await add("timers", lambda d: timers(d, flows or 10_000, args.seconds))
-    if args.workload in ("backlog", "suite"):
-        small, large = min(1000, args.queued), args.queued
-        await add("backlog", lambda d: backlog(d, small, min(small, args.measured)))
-        await add("backlog", lambda d: backlog(d, large, args.measured))
-        rows[-1]["ratio_to_small_backlog"] = round(
-            rows[-1]["flows_per_s"] / rows[-2]["flows_per_s"], 3
-        )
-    if args.workload == "suite":
-        for replicas in (1, 2):
-            await add("throughput", lambda d: throughput(d, 1000), "postgres", replicas)
-            await add("latency", lambda d: latency(d, 200), "postgres", replicas)
-    if args.workload == "suite" or args.peer:
-        compared = [w for w in ("throughput", "latency") if args.workload in (w, "suite")]
-        for peer in peers.available(args.peer):
-            for name in compared:
-                progress(f"{name} on peer {peer.name}")
-                rows.append(await peer.run(name, flows or (1000 if name == "throughput" else 200)))
-    return rows
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -125,6 +55,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def cli(argv: list[str] | None = None) -> int:
+    """Run the command line's workloads; the exit status."""
+    # Imported here, not above: `__main__` chooses gRPC's I/O before anything imports grpc.
+    from benchmarks import peers
+    from benchmarks.harness import machine_facts
+    from benchmarks.runner import main, print_table
+
     args = parse(sys.argv[1:] if argv is None else argv)
     if args.workload == "install-peers":
         return peers.install()
@@ -139,4 +75,8 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # The harness is the workloads' client, and its worker and servers inherit its environment:
+    # all of them use the I/O the server prefers unless GRPC_EXPERIMENTS says otherwise (set it
+    # empty for gRPC's own default). See ergon_server/grpc_io.py.
+    prefer_iomgr(os.environ)
     sys.exit(cli())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import os
 import platform
 import re
@@ -228,6 +229,9 @@ def machine_facts() -> dict[str, Any]:
         "python": platform.python_version(),
         "sqlite": sqlite3.sqlite_version,
         "platform": platform.platform(),
+        # Which of gRPC's I/O layers this process and its children used (ergon_server/grpc_io).
+        "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS", ""),
+        "grpcio": importlib.metadata.version("grpcio"),
     }
 
 
