@@ -464,6 +464,44 @@ async def test_a_database_that_does_not_exist_is_an_error(dsn: str) -> None:
     assert not isinstance(raised.value, StoreUnavailableError)
 
 
+async def test_a_failed_write_leaves_no_transaction_open_on_a_pooled_connection(
+    dsn: str,
+) -> None:
+    # The pool does not reset sessions on release (`_keep_session`): a failed batch must end
+    # its own transaction, or the next user of the connection would run inside it.
+    app = "ergon-failed-write"
+    store = replica(dsn, app)
+    await store.open()
+    try:
+        claimed = await claim_one(store, "f1")
+        poison = step(claimed, "poison", result=object())  # type: ignore[arg-type]
+        results = await asyncio.gather(
+            store.record_steps([step(claimed, "a")], T0),
+            store.record_steps([poison], T0),
+            store.record_steps([step(claimed, "b")], T0),
+            return_exceptions=True,
+        )
+        assert results[0] == [OK] and results[2] == [OK]
+        assert isinstance(results[1], StoreError)
+        assert not isinstance(results[1], StoreUnavailableError)
+        # Every pooled connection serves again, and none sits in a transaction.
+        await asyncio.gather(*(store.get_flow("f1") for _ in range(20)))
+        assert await store.record_steps([step(claimed, "c")], T0 + 1) == [OK]
+        assert [e.key for e in await store.get_history("f1", 0, 10)] == ["a", "b", "c"]
+        conn = await asyncpg.connect(dsn)
+        try:
+            open_transactions = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 "
+                "AND state LIKE 'idle in transaction%'",
+                app,
+            )
+        finally:
+            await conn.close()
+        assert open_transactions == 0
+    finally:
+        await store.close()
+
+
 async def test_connections_the_server_ends_are_replaced(dsn: str) -> None:
     store = replica(dsn, "ergon-test-ended")
     await store.open()
