@@ -647,7 +647,18 @@ async def _journal_entries(
 
 # --- write commands ----------------------------------------------------------------------
 
-_INSERT_FLOWS = (
+# What a schedule compares against, in one round trip: the flows it names (type, input) and
+# the request ids it carries (their flows).
+_SCHEDULE_READ = (
+    "SELECT true, flow_id, flow_type, input FROM flows WHERE flow_id = ANY($1::text[]) "
+    "UNION ALL "
+    "SELECT false, request_id, flow_id, NULL FROM request_ids WHERE request_id = ANY($2::text[])"
+)
+
+# The new flows and the new request ids, in one round trip. The request ids' foreign key is
+# checked at the end of the statement, when the flows it names exist.
+_SCHEDULE_WRITE = (
+    "WITH f AS ("
     "INSERT INTO flows (flow_id, flow_type, status, input, attempt, labels, retry_policy, "
     "created_at, updated_at, ready_at, parent_flow_id, parent_key) "
     "SELECT t.flow_id, t.flow_type, 'PENDING', t.input, 1, t.labels, t.retry_policy, t.now, "
@@ -656,7 +667,12 @@ _INSERT_FLOWS = (
     "$7::bigint[], $8::text[], $9::text[]) "
     "AS t(flow_id, flow_type, input, labels, retry_policy, now, ready_at, parent_flow_id, "
     "parent_key) "
-    "ON CONFLICT (flow_id) DO NOTHING RETURNING flow_id"
+    "ON CONFLICT (flow_id) DO NOTHING RETURNING flow_id), "
+    "r AS ("
+    "INSERT INTO request_ids (request_id, flow_id) "
+    "SELECT * FROM unnest($10::text[], $11::text[]) "
+    "ON CONFLICT (request_id) DO NOTHING RETURNING request_id) "
+    "SELECT true, flow_id FROM f UNION ALL SELECT false, request_id FROM r"
 )
 
 
@@ -668,23 +684,17 @@ async def _schedule(tx: _Tx, items: Sequence[tuple[NewFlow, int]]) -> list[Sched
     skip it, and the transaction runs again (`_RetryTransaction`).
     """
     conn = tx.conn
-    existing: dict[str, tuple[str, bytes]] = {
-        row[0]: (row[1], row[2])
-        for row in await conn.fetch(
-            "SELECT flow_id, flow_type, input FROM flows WHERE flow_id = ANY($1::text[])",
-            unique(flow.flow_id for flow, _ in items),
-        )
-    }
-    request_ids = unique(flow.request_id for flow, _ in items if flow.request_id)
+    existing: dict[str, tuple[str, bytes]] = {}
     requests: dict[str, str] = {}
-    if request_ids:
-        requests = {
-            row[0]: row[1]
-            for row in await conn.fetch(
-                "SELECT request_id, flow_id FROM request_ids WHERE request_id = ANY($1::text[])",
-                request_ids,
-            )
-        }
+    for is_flow, key, text, payload in await conn.fetch(
+        _SCHEDULE_READ,
+        unique(flow.flow_id for flow, _ in items),
+        unique(flow.request_id for flow, _ in items if flow.request_id),
+    ):
+        if is_flow:
+            existing[key] = (text, payload)
+        else:
+            requests[key] = text
     plan = plan_schedule(items, existing, requests)
     new_flows = [
         (
@@ -700,29 +710,27 @@ async def _schedule(tx: _Tx, items: Sequence[tuple[NewFlow, int]]) -> list[Sched
         )
         for flow, now_ms, ready_at in plan.created
     ]
-    new_requests, results = plan.requests, plan.results
-    if new_flows:
+    # In request_id order, as another replica inserting some of the same ids does, so the two
+    # wait for each other instead of deadlocking.
+    new_requests = sorted(plan.requests)
+    if new_flows or new_requests:
         # One array per column; unnest keeps their order, so seq follows scheduling order.
-        columns = [list(column) for column in zip(*new_flows, strict=True)]
-        inserted = await conn.fetch(_INSERT_FLOWS, *columns)
-        if len(inserted) != len(new_flows):
-            raise _RetryTransaction("a flow_id was scheduled concurrently")
-        tx.locked.update(row[0] for row in inserted)
-        tx.events.ready = True
-    if new_requests:
-        # In request_id order, as another replica inserting some of the same ids does, so
-        # the two wait for each other instead of deadlocking.
-        new_requests.sort()
+        columns = [list(column) for column in zip(*new_flows, strict=True)] or [[]] * 9
         inserted = await conn.fetch(
-            "INSERT INTO request_ids (request_id, flow_id) "
-            "SELECT * FROM unnest($1::text[], $2::text[]) "
-            "ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+            _SCHEDULE_WRITE,
+            *columns,
             [pair[0] for pair in new_requests],
             [pair[1] for pair in new_requests],
         )
-        if len(inserted) != len(new_requests):
+        flow_ids = [row[1] for row in inserted if row[0]]
+        if len(flow_ids) != len(new_flows):
+            raise _RetryTransaction("a flow_id was scheduled concurrently")
+        if len(inserted) - len(flow_ids) != len(new_requests):
             raise _RetryTransaction("a request_id was used concurrently")
-    return results
+        tx.locked.update(flow_ids)
+        if flow_ids:
+            tx.events.ready = True
+    return plan.results
 
 
 async def _send_signal(
