@@ -4,8 +4,9 @@ grpcio 1.80 made its EventEngine the default for Python. Each message read or wr
 crosses one more thread than on the older poller (iomgr), which grpcio still ships and used
 by default until 1.79: on this project's 2-core benchmark machine a stream round trip between
 two processes took 0.29 ms on the EventEngine and 0.16 ms on iomgr, and a whole 3-step flow
-about 0.5 ms less (README, "Tuning"). gRPC reads the choice once, from `GRPC_EXPERIMENTS`,
-when it is first imported; so the entry point calls `prefer_iomgr` before anything imports it.
+about 0.6 ms less (README, "Running workers"). gRPC reads the choice once, from
+`GRPC_EXPERIMENTS`, when it is first imported; so the entry point calls `prefer_iomgr` before
+anything imports it.
 
 This module imports nothing that imports grpc.
 """

@@ -714,7 +714,8 @@ async def _schedule(tx: _Tx, items: Sequence[tuple[NewFlow, int]]) -> list[Sched
     # wait for each other instead of deadlocking.
     new_requests = sorted(plan.requests)
     if new_flows or new_requests:
-        # One array per column; unnest keeps their order, so seq follows scheduling order.
+        # One array per column ($1-$9, empty when only request ids are new); unnest keeps
+        # their order, so seq follows scheduling order.
         columns = [list(column) for column in zip(*new_flows, strict=True)] or [[]] * 9
         inserted = await conn.fetch(
             _SCHEDULE_WRITE,
