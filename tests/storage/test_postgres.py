@@ -413,7 +413,10 @@ async def test_replicas_starting_together_migrate_once(dsn: str) -> None:
     await asyncio.gather(*(store.open() for store in stores))
     try:
         rows = await _fetch(dsn, "SELECT version, name FROM schema_version ORDER BY version")
-        assert [tuple(row) for row in rows] == [(1, "0001_initial.sql")]
+        assert [tuple(row) for row in rows] == [
+            (1, "0001_initial.sql"),
+            (2, "0002_record_steps.sql"),
+        ]
         assert await stores[0].schedule_flows([flow("f")], T0) == [ScheduleResult("f", CREATED)]
         assert await stores[1].schedule_flows([flow("f")], T0) == [ScheduleResult("f", EXISTING)]
     finally:
@@ -429,7 +432,7 @@ async def test_newer_schema_is_refused(dsn: str) -> None:
     with pytest.raises(SchemaVersionError) as raised:
         await newer.open()
     assert str(raised.value) == (
-        "database schema version 9 is newer than this ergon-server supports (1); "
+        "database schema version 9 is newer than this ergon-server supports (2); "
         "upgrade ergon-server"
     )
     await newer.close()
@@ -506,7 +509,7 @@ async def test_connections_the_server_ends_are_replaced(dsn: str) -> None:
     store = replica(dsn, "ergon-test-ended")
     await store.open()
     try:
-        assert await store.schedule_flows([flow("f1")], T0) == [ScheduleResult("f1", CREATED)]
+        claimed = await claim_one(store, "f1")
         for attempt in range(3):
             await pg.execute(dsn, TERMINATE, "ergon-test-ended", "%")
             # Idle connections died under the store: nothing had run on them, so the calls
@@ -514,6 +517,11 @@ async def test_connections_the_server_ends_are_replaced(dsn: str) -> None:
             result = await store.schedule_flows([flow(f"g{attempt}")], T0)
             assert result == [ScheduleResult(f"g{attempt}", CREATED)]
             assert await store.get_flow("f1") is not None
+            # A batch of step results alone runs without a transaction around it.
+            await pg.execute(dsn, TERMINATE, "ergon-test-ended", "%")
+            assert await store.record_steps([step(claimed, f"s{attempt}")], T0) == [OK]
+        history = await store.get_history("f1", 0, 10)
+        assert [(e.key, e.sequence) for e in history] == [("s0", 1), ("s1", 2), ("s2", 3)]
     finally:
         await store.close()
 
