@@ -676,6 +676,9 @@ class Command(Generic[_T]):
     # Whether its caller is told first when its batch commits: a claim's flows go to their
     # worker before, say, the schedule call that woke the claim hears back.
     urgent: ClassVar[bool] = False
+    # Whether it may write rows of the flows it names that exist before it runs (a dialect
+    # with row locks takes those first, in one order for every writer).
+    writes_named_flows: ClassVar[bool] = True
 
     def __init__(self, future: asyncio.Future[_T]) -> None:
         self.future = future
@@ -1240,6 +1243,9 @@ class ScheduleFlowsCommand(Command[list[ScheduleResult]]):
 
     __slots__ = ("flows", "now_ms")
     mergeable = True
+    # It only inserts: what it reads of a flow that exists (type, input) never changes, and a
+    # flow it creates is its own.
+    writes_named_flows = False
 
     def __init__(
         self, future: asyncio.Future[list[ScheduleResult]], flows: Sequence[NewFlow], now_ms: int

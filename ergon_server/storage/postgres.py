@@ -1345,15 +1345,14 @@ async def _child_links(tx: _Tx, batch: Sequence[AnyCommand]) -> dict[str, set[st
 
 
 def _batch_flows(batch: Sequence[AnyCommand], links: dict[str, set[str]]) -> list[str]:
-    """Every existing flow a batch names (and the parents of the flows it may end), sorted."""
+    """The flows a batch may write that it names (and the parents of flows it may end), sorted."""
     names: set[str] = set()
     for command in batch:
-        if isinstance(command, _ScheduleFlows):
-            # A schedule writes no existing flow's row (its reads need no lock, see
-            # `_schedule`), and the rows it inserts are its own: locking the flows it names
-            # would cost a round trip, usually to lock nothing. (A new request id for an
-            # existing flow takes that row's key-share lock when inserted; a rare deadlock
-            # there is detected and the batch runs again, as for the locks found later.)
+        if not command.writes_named_flows:
+            # A schedule: locking the flows it names would cost a round trip, usually to lock
+            # nothing. (A new request id for an existing flow takes that row's key-share lock
+            # when inserted; a rare deadlock there is detected and the batch runs again, as
+            # for the locks found later.)
             continue
         for name in command.resources():
             if name.startswith(FLOW):
