@@ -470,8 +470,9 @@ async def test_a_database_that_does_not_exist_is_an_error(dsn: str) -> None:
 async def test_a_failed_write_leaves_no_transaction_open_on_a_pooled_connection(
     dsn: str,
 ) -> None:
-    # The pool does not reset sessions on release (`_keep_session`): a failed batch must end
-    # its own transaction, or the next user of the connection would run inside it.
+    # The pool does not reset sessions on release (`_keep_session`): a failed batch must not
+    # leave a transaction open (step results alone run in none, other batches in one), or the
+    # next user of the connection would run inside it.
     app = "ergon-failed-write"
     store = replica(dsn, app)
     await store.open()
