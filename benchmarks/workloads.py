@@ -37,16 +37,15 @@ async def throughput(deployment: Deployment, flows: int = 1000) -> dict[str, Any
 
 
 async def latency(deployment: Deployment, flows: int = 200) -> dict[str, Any]:
-    """One 3-step flow at a time: start-to-result, measured by the client."""
+    """One 3-step flow at a time: start-to-result, measured by the client (`Client.run`)."""
     await start_worker(deployment)
     async with Client(deployment.addresses) as client:
         samples = []
         for n in range(flows + 10):
             started = time.perf_counter()
-            flow_id = await client.schedule(Trivial3(n))
-            outcome = await client.wait(flow_id, timeout=30)
+            outcome = await client.run(Trivial3(n), timeout=30)
             if outcome.status is not FlowStatus.COMPLETED:
-                raise RuntimeError(f"flow {flow_id} ended {outcome.status.name}")
+                raise RuntimeError(f"flow {outcome.flow_id} ended {outcome.status.name}")
             if n >= 10:  # the first few warm the connections up
                 samples.append((time.perf_counter() - started) * 1000)
             if n and n % 50 == 0:

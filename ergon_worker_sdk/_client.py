@@ -152,6 +152,17 @@ class TlsConfig:
         return cls(read(ca_cert), read(client_cert), read(client_key), server_name)
 
 
+# The longest wait a server grants one WaitFlow or RunFlow call.
+MAX_WAIT_MS = 60_000
+
+
+def _wait_ms(loop: asyncio.AbstractEventLoop, deadline: float | None) -> int:
+    """The timeout_ms of the next waiting call towards `deadline` (None: no deadline)."""
+    if deadline is None:
+        return MAX_WAIT_MS
+    return max(0, min(int((deadline - loop.time()) * 1000), MAX_WAIT_MS))
+
+
 # The server's grpc.http2.min_recv_ping_interval_without_data_ms, in seconds.
 MIN_KEEPALIVE_S = 5.0
 
@@ -414,16 +425,41 @@ class Client:
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        return await self._wait_until(flow_id, deadline, timeout)
+
+    async def _wait_until(
+        self, flow_id: str, deadline: float | None, asked: float | None
+    ) -> FlowOutcome:
+        loop = asyncio.get_running_loop()
         while True:
-            remaining_ms = 60_000 if deadline is None else int((deadline - loop.time()) * 1000)
             request = scheduler_pb2.WaitFlowRequest(
-                flow_id=flow_id, timeout_ms=max(0, min(remaining_ms, 60_000))
+                flow_id=flow_id, timeout_ms=_wait_ms(loop, deadline)
             )
             response = await self._call(self._scheduler.WaitFlow, request)
             if response.done:
                 return self.outcome(response.flow)
             if deadline is not None and loop.time() >= deadline:
-                raise TimeoutError(f"flow {flow_id} has not ended after {timeout} s")
+                raise TimeoutError(f"flow {flow_id} has not ended after {asked} s")
+
+    async def run(self, flow: Any, timeout: float | None = None, **options: Any) -> FlowOutcome:  # noqa: ASYNC109 - as `wait`
+        """Schedule a `@flow_type` instance and wait for its outcome; `schedule`'s options apply.
+
+        One call when the flow ends within the server's longest wait (60 s). A retry after a lost
+        connection repeats the request id, so it waits for the same flow rather than scheduling
+        another.
+
+        Raises:
+            TimeoutError: the flow had not ended after `timeout` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        request = scheduler_pb2.RunFlowRequest(
+            flow=self.schedule_request(flow, **options), timeout_ms=_wait_ms(loop, deadline)
+        )
+        response = await self._call(self._scheduler.RunFlow, request)
+        if response.done:
+            return self.outcome(response.flow)
+        return await self._wait_until(response.flow.flow_id, deadline, timeout)
 
     async def list_flows(
         self,

@@ -89,6 +89,11 @@ def validate_id(value: str, what: str, *, allow_empty: bool = False) -> None:
         raise InvalidArgumentError(f"{what} must not hold control characters", "INVALID_ID")
 
 
+def _check_timeout(timeout_ms: int) -> None:
+    if timeout_ms < 0:
+        raise InvalidArgumentError("timeout_ms must not be negative", "INVALID_TIMEOUT")
+
+
 class Engine:
     """Flows, dispatch, leases and signals over a `Store`."""
 
@@ -346,10 +351,18 @@ class Engine:
             raise NotFoundError(f"flow {flow_id!r} does not exist")
         return record
 
+    async def run_flow(
+        self, flow: NewFlow, timeout_ms: int
+    ) -> tuple[ScheduleResult, bool, FlowRecord]:
+        """Schedule one flow, then wait for it as `wait_flow` does; (result, done, flow)."""
+        _check_timeout(timeout_ms)
+        result = await self.schedule_flow(flow)
+        done, record = await self.wait_flow(result.flow_id, timeout_ms)
+        return result, done, record
+
     async def wait_flow(self, flow_id: str, timeout_ms: int) -> tuple[bool, FlowRecord]:
         """Wait until the flow is terminal or the timeout passes; (done, flow)."""
-        if timeout_ms < 0:
-            raise InvalidArgumentError("timeout_ms must not be negative", "INVALID_TIMEOUT")
+        _check_timeout(timeout_ms)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(timeout_ms, self.config.max_wait_ms) / 1000
         while True:

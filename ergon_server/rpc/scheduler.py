@@ -101,6 +101,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         return scheduler_pb2.WaitFlowResponse(done=done, flow=convert.flow_to_proto(flow))
 
     @unary
+    async def RunFlow(
+        self, request: scheduler_pb2.RunFlowRequest, context: Context
+    ) -> scheduler_pb2.RunFlowResponse:
+        """Schedule one flow and long-poll until it ends or the timeout passes."""
+        flow = convert.new_flow_from_proto(request.flow, self._max_payload)
+        result, done, record = await self._engine.run_flow(flow, request.timeout_ms)
+        return scheduler_pb2.RunFlowResponse(
+            existing=result.outcome is ScheduleOutcome.EXISTING,
+            done=done,
+            flow=convert.flow_to_proto(record),
+        )
+
+    @unary
     async def ListFlows(
         self, request: scheduler_pb2.ListFlowsRequest, context: Context
     ) -> scheduler_pb2.ListFlowsResponse:

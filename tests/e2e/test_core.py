@@ -32,6 +32,21 @@ async def test_step_failing_twice_then_succeeding_records_three_attempts_and_one
     assert step_runs(events)[(flow_id, "charge")] == 1
 
 
+async def test_run_answers_with_the_outcome_and_a_repeat_waits_for_the_same_flow(
+    server_process: ServerProcess, start_worker: Callable[..., WorkerProcess], events: Path
+) -> None:
+    start_worker("w1", step_delay=0.1)
+    async with Client(server_process.address) as client:
+        with pytest.raises(TimeoutError):
+            await client.run(ThreeSteps(4), flow_id="run-4", timeout=0.05)
+        outcome = await client.run(ThreeSteps(4), flow_id="run-4", timeout=30)
+        again = await client.run(ThreeSteps(4), flow_id="run-4")
+    assert (outcome.flow_id, outcome.status, outcome.result) == ("run-4", FlowStatus.COMPLETED, 9)
+    assert again == outcome
+    runs = step_runs(events)
+    assert [runs[("run-4", step)] for step in ("one", "two", "three")] == [1, 1, 1]
+
+
 async def test_worker_killed_mid_flow_another_worker_finishes_without_rerunning_steps(
     server_process: ServerProcess, start_worker: Callable[..., WorkerProcess], events: Path
 ) -> None:

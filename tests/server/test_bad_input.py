@@ -559,6 +559,22 @@ def wait_flow_cases() -> list[UnaryCase]:
     ]
 
 
+def run_flow_cases() -> list[UnaryCase]:
+    def run(
+        flow: scheduler_pb2.ScheduleFlowRequest, timeout_ms: int = 10
+    ) -> scheduler_pb2.RunFlowRequest:
+        return scheduler_pb2.RunFlowRequest(flow=flow, timeout_ms=timeout_ms)
+
+    return [
+        *bad_schedules(run),
+        # Refused before the flow is scheduled: the snapshot shows no "run-new".
+        case("timeout-negative", run(schedule("run-new"), -1), I, "INVALID_TIMEOUT"),
+        case("timeout-int64-min", run(schedule("run-new"), -(2**63)), I, "INVALID_TIMEOUT"),
+        *utf8_cases(run(schedule(labels={"k": "v"}))),
+        *GARBAGE,
+    ]
+
+
 def cancel_cases() -> list[UnaryCase]:
     return [
         *flow_id_cases(lambda v: scheduler_pb2.CancelFlowRequest(flow_id=v)),
@@ -634,6 +650,7 @@ UNARY_TABLES: dict[str, Callable[[], list[UnaryCase]]] = {
     "ScheduleFlows": schedule_flows_cases,
     "GetFlow": lambda: flow_id_cases(lambda v: scheduler_pb2.GetFlowRequest(flow_id=v)),
     "WaitFlow": wait_flow_cases,
+    "RunFlow": run_flow_cases,
     "ListFlows": list_flows_cases,
     "GetFlowHistory": history_cases,
     "CancelFlow": cancel_cases,

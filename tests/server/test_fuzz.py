@@ -80,6 +80,9 @@ UNARY: dict[str, list[Message]] = {
     "/ergon.v1.SchedulerService/WaitFlow": [
         scheduler_pb2.WaitFlowRequest(flow_id="fz-1", timeout_ms=10)
     ],
+    "/ergon.v1.SchedulerService/RunFlow": [
+        scheduler_pb2.RunFlowRequest(flow=schedule("fz-5"), timeout_ms=10)
+    ],
     "/ergon.v1.SchedulerService/ListFlows": [
         scheduler_pb2.ListFlowsRequest(statuses=[1, 2], flow_type=TYPE, page_size=5),
         scheduler_pb2.ListFlowsRequest(page_token="3"),

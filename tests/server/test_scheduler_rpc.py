@@ -126,20 +126,49 @@ async def test_repeated_request_id_returns_the_first_answer(
         "empty-type",
     ],
 )
+@pytest.mark.parametrize("method", ["ScheduleFlow", "RunFlow"])
 async def test_bad_schedule_requests_get_precise_statuses_and_store_nothing(
     stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub,
     request_: scheduler_pb2.ScheduleFlowRequest,
     code: grpc.StatusCode,
     reason: str,
+    method: str,
 ) -> None:
     await stub.ScheduleFlow(schedule_request("existing"))
     before = await stored_flows(stub)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.ScheduleFlow(request_)
+        if method == "RunFlow":
+            await stub.RunFlow(scheduler_pb2.RunFlowRequest(flow=request_, timeout_ms=1000))
+        else:
+            await stub.ScheduleFlow(request_)
     error = translate(caught.value)
     assert (error.code, error.reason) == (code, reason), error.message
     assert error.message
     assert await stored_flows(stub) == before
+
+
+async def test_run_flow_schedules_once_and_answers_with_the_flow_when_the_wait_ends(
+    stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub,
+) -> None:
+    # No worker runs the type here, so the wait always times out with the flow still PENDING.
+    request = scheduler_pb2.RunFlowRequest(flow=schedule_request(request_id="run-1"), timeout_ms=50)
+    first = await stub.RunFlow(request)
+    again = await stub.RunFlow(request)
+    assert (first.existing, first.done) == (False, False)
+    assert first.flow.status == common_pb2.FLOW_STATUS_PENDING and first.flow.flow_id
+    assert (again.existing, again.done, again.flow.flow_id) == (True, False, first.flow.flow_id)
+    await stub.CancelFlow(scheduler_pb2.CancelFlowRequest(flow_id=first.flow.flow_id))
+    ended = await stub.RunFlow(request)
+    assert (ended.existing, ended.done) == (True, True)
+    assert ended.flow.status == common_pb2.FLOW_STATUS_CANCELLED
+    assert len(await stored_flows(stub)) == 1
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.RunFlow(
+            scheduler_pb2.RunFlowRequest(flow=schedule_request(flow_id="order-1"), timeout_ms=-1)
+        )
+    error = translate(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TIMEOUT")
+    assert len(await stored_flows(stub)) == 1
 
 
 async def test_inline_json_input_is_accepted(

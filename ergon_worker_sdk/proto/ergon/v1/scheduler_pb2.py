@@ -27,7 +27,7 @@ from ergon_worker_sdk.proto.ergon.v1 import common_pb2 as ergon_dot_v1_dot_commo
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65rgon/v1/scheduler.proto\x12\x08\x65rgon.v1\x1a\x15\x65rgon/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x02\n\x13ScheduleFlowRequest\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12\x11\n\tflow_type\x18\x02 \x01(\t\x12 \n\x05input\x18\x03 \x01(\x0b\x32\x11.ergon.v1.Payload\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12,\n\x08start_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x0cretry_policy\x18\x06 \x01(\x0b\x32\x15.ergon.v1.RetryPolicy\x12\x39\n\x06labels\x18\x07 \x03(\x0b\x32).ergon.v1.ScheduleFlowRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x14ScheduleFlowResponse\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\"G\n\x14ScheduleFlowsRequest\x12/\n\x08requests\x18\x01 \x03(\x0b\x32\x1d.ergon.v1.ScheduleFlowRequest\"G\n\x15ScheduleFlowsResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.ergon.v1.ScheduleFlowsResult\"g\n\x13ScheduleFlowsResult\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"!\n\x0eGetFlowRequest\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\"3\n\x0fGetFlowResponse\x12 \n\x04\x66low\x18\x01 \x01(\x0b\x32\x12.ergon.v1.FlowInfo\"6\n\x0fWaitFlowRequest\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\x03\"B\n\x10WaitFlowResponse\x12\x0c\n\x04\x64one\x18\x01 \x01(\x08\x12 \n\x04\x66low\x18\x02 \x01(\x0b\x32\x12.ergon.v1.FlowInfo\"t\n\x10ListFlowsRequest\x12&\n\x08statuses\x18\x01 \x03(\x0e\x32\x14.ergon.v1.FlowStatus\x12\x11\n\tflow_type\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"O\n\x11ListFlowsResponse\x12!\n\x05\x66lows\x18\x01 \x03(\x0b\x32\x12.ergon.v1.FlowInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"O\n\x15GetFlowHistoryRequest\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Z\n\x16GetFlowHistoryResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.ergon.v1.JournalEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x11\x43\x61ncelFlowRequest\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x12\x43\x61ncelFlowResponse\x12 \n\x04\x66low\x18\x01 \x01(\x0b\x32\x12.ergon.v1.FlowInfo\"\x14\n\x12ListWorkersRequest\"<\n\x13ListWorkersResponse\x12%\n\x07workers\x18\x01 \x03(\x0b\x32\x14.ergon.v1.WorkerInfo\"\xc2\x01\n\nWorkerInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x12\n\nflow_types\x18\x03 \x03(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x16\n\x0e\x61ssigned_total\x18\x06 \x01(\x03\x12\x30\n\x0c\x63onnected_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04peer\x18\x08 \x01(\t2\xe6\x04\n\x10SchedulerService\x12M\n\x0cScheduleFlow\x12\x1d.ergon.v1.ScheduleFlowRequest\x1a\x1e.ergon.v1.ScheduleFlowResponse\x12P\n\rScheduleFlows\x12\x1e.ergon.v1.ScheduleFlowsRequest\x1a\x1f.ergon.v1.ScheduleFlowsResponse\x12>\n\x07GetFlow\x12\x18.ergon.v1.GetFlowRequest\x1a\x19.ergon.v1.GetFlowResponse\x12\x41\n\x08WaitFlow\x12\x19.ergon.v1.WaitFlowRequest\x1a\x1a.ergon.v1.WaitFlowResponse\x12\x44\n\tListFlows\x12\x1a.ergon.v1.ListFlowsRequest\x1a\x1b.ergon.v1.ListFlowsResponse\x12S\n\x0eGetFlowHistory\x12\x1f.ergon.v1.GetFlowHistoryRequest\x1a .ergon.v1.GetFlowHistoryResponse\x12G\n\nCancelFlow\x12\x1b.ergon.v1.CancelFlowRequest\x1a\x1c.ergon.v1.CancelFlowResponse\x12J\n\x0bListWorkers\x12\x1c.ergon.v1.ListWorkersRequest\x1a\x1d.ergon.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65rgon/v1/scheduler.proto\x12\x08\x65rgon.v1\x1a\x15\x65rgon/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x02\n\x13ScheduleFlowRequest\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12\x11\n\tflow_type\x18\x02 \x01(\t\x12 \n\x05input\x18\x03 \x01(\x0b\x32\x11.ergon.v1.Payload\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12,\n\x08start_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x0cretry_policy\x18\x06 \x01(\x0b\x32\x15.ergon.v1.RetryPolicy\x12\x39\n\x06labels\x18\x07 \x03(\x0b\x32).ergon.v1.ScheduleFlowRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x14ScheduleFlowResponse\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\"G\n\x14ScheduleFlowsRequest\x12/\n\x08requests\x18\x01 \x03(\x0b\x32\x1d.ergon.v1.ScheduleFlowRequest\"G\n\x15ScheduleFlowsResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.ergon.v1.ScheduleFlowsResult\"g\n\x13ScheduleFlowsResult\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"!\n\x0eGetFlowRequest\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\"3\n\x0fGetFlowResponse\x12 \n\x04\x66low\x18\x01 \x01(\x0b\x32\x12.ergon.v1.FlowInfo\"6\n\x0fWaitFlowRequest\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\x03\"B\n\x10WaitFlowResponse\x12\x0c\n\x04\x64one\x18\x01 \x01(\x08\x12 \n\x04\x66low\x18\x02 \x01(\x0b\x32\x12.ergon.v1.FlowInfo\"Q\n\x0eRunFlowRequest\x12+\n\x04\x66low\x18\x01 \x01(\x0b\x32\x1d.ergon.v1.ScheduleFlowRequest\x12\x12\n\ntimeout_ms\x18\x02 \x01(\x03\"S\n\x0fRunFlowResponse\x12\x10\n\x08\x65xisting\x18\x01 \x01(\x08\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12 \n\x04\x66low\x18\x03 \x01(\x0b\x32\x12.ergon.v1.FlowInfo\"t\n\x10ListFlowsRequest\x12&\n\x08statuses\x18\x01 \x03(\x0e\x32\x14.ergon.v1.FlowStatus\x12\x11\n\tflow_type\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"O\n\x11ListFlowsResponse\x12!\n\x05\x66lows\x18\x01 \x03(\x0b\x32\x12.ergon.v1.FlowInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"O\n\x15GetFlowHistoryRequest\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Z\n\x16GetFlowHistoryResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.ergon.v1.JournalEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x11\x43\x61ncelFlowRequest\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x12\x43\x61ncelFlowResponse\x12 \n\x04\x66low\x18\x01 \x01(\x0b\x32\x12.ergon.v1.FlowInfo\"\x14\n\x12ListWorkersRequest\"<\n\x13ListWorkersResponse\x12%\n\x07workers\x18\x01 \x03(\x0b\x32\x14.ergon.v1.WorkerInfo\"\xc2\x01\n\nWorkerInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x12\n\nflow_types\x18\x03 \x03(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x16\n\x0e\x61ssigned_total\x18\x06 \x01(\x03\x12\x30\n\x0c\x63onnected_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04peer\x18\x08 \x01(\t2\xa6\x05\n\x10SchedulerService\x12M\n\x0cScheduleFlow\x12\x1d.ergon.v1.ScheduleFlowRequest\x1a\x1e.ergon.v1.ScheduleFlowResponse\x12P\n\rScheduleFlows\x12\x1e.ergon.v1.ScheduleFlowsRequest\x1a\x1f.ergon.v1.ScheduleFlowsResponse\x12>\n\x07GetFlow\x12\x18.ergon.v1.GetFlowRequest\x1a\x19.ergon.v1.GetFlowResponse\x12\x41\n\x08WaitFlow\x12\x19.ergon.v1.WaitFlowRequest\x1a\x1a.ergon.v1.WaitFlowResponse\x12>\n\x07RunFlow\x12\x18.ergon.v1.RunFlowRequest\x1a\x19.ergon.v1.RunFlowResponse\x12\x44\n\tListFlows\x12\x1a.ergon.v1.ListFlowsRequest\x1a\x1b.ergon.v1.ListFlowsResponse\x12S\n\x0eGetFlowHistory\x12\x1f.ergon.v1.GetFlowHistoryRequest\x1a .ergon.v1.GetFlowHistoryResponse\x12G\n\nCancelFlow\x12\x1b.ergon.v1.CancelFlowRequest\x1a\x1c.ergon.v1.CancelFlowResponse\x12J\n\x0bListWorkers\x12\x1c.ergon.v1.ListWorkersRequest\x1a\x1d.ergon.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,24 +56,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WAITFLOWREQUEST']._serialized_end=857
   _globals['_WAITFLOWRESPONSE']._serialized_start=859
   _globals['_WAITFLOWRESPONSE']._serialized_end=925
-  _globals['_LISTFLOWSREQUEST']._serialized_start=927
-  _globals['_LISTFLOWSREQUEST']._serialized_end=1043
-  _globals['_LISTFLOWSRESPONSE']._serialized_start=1045
-  _globals['_LISTFLOWSRESPONSE']._serialized_end=1124
-  _globals['_GETFLOWHISTORYREQUEST']._serialized_start=1126
-  _globals['_GETFLOWHISTORYREQUEST']._serialized_end=1205
-  _globals['_GETFLOWHISTORYRESPONSE']._serialized_start=1207
-  _globals['_GETFLOWHISTORYRESPONSE']._serialized_end=1297
-  _globals['_CANCELFLOWREQUEST']._serialized_start=1299
-  _globals['_CANCELFLOWREQUEST']._serialized_end=1351
-  _globals['_CANCELFLOWRESPONSE']._serialized_start=1353
-  _globals['_CANCELFLOWRESPONSE']._serialized_end=1407
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1409
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1429
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1431
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1491
-  _globals['_WORKERINFO']._serialized_start=1494
-  _globals['_WORKERINFO']._serialized_end=1688
-  _globals['_SCHEDULERSERVICE']._serialized_start=1691
-  _globals['_SCHEDULERSERVICE']._serialized_end=2305
+  _globals['_RUNFLOWREQUEST']._serialized_start=927
+  _globals['_RUNFLOWREQUEST']._serialized_end=1008
+  _globals['_RUNFLOWRESPONSE']._serialized_start=1010
+  _globals['_RUNFLOWRESPONSE']._serialized_end=1093
+  _globals['_LISTFLOWSREQUEST']._serialized_start=1095
+  _globals['_LISTFLOWSREQUEST']._serialized_end=1211
+  _globals['_LISTFLOWSRESPONSE']._serialized_start=1213
+  _globals['_LISTFLOWSRESPONSE']._serialized_end=1292
+  _globals['_GETFLOWHISTORYREQUEST']._serialized_start=1294
+  _globals['_GETFLOWHISTORYREQUEST']._serialized_end=1373
+  _globals['_GETFLOWHISTORYRESPONSE']._serialized_start=1375
+  _globals['_GETFLOWHISTORYRESPONSE']._serialized_end=1465
+  _globals['_CANCELFLOWREQUEST']._serialized_start=1467
+  _globals['_CANCELFLOWREQUEST']._serialized_end=1519
+  _globals['_CANCELFLOWRESPONSE']._serialized_start=1521
+  _globals['_CANCELFLOWRESPONSE']._serialized_end=1575
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1577
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1597
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1599
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1659
+  _globals['_WORKERINFO']._serialized_start=1662
+  _globals['_WORKERINFO']._serialized_end=1856
+  _globals['_SCHEDULERSERVICE']._serialized_start=1859
+  _globals['_SCHEDULERSERVICE']._serialized_end=2537
 # @@protoc_insertion_point(module_scope)

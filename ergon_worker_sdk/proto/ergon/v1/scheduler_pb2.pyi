@@ -281,6 +281,60 @@ class WaitFlowResponse(_message.Message):
 Global___WaitFlowResponse: _TypeAlias = WaitFlowResponse  # noqa: Y015
 
 @_typing.final
+class RunFlowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FLOW_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    timeout_ms: _builtins.int
+    """How long to wait for the flow to end, as WaitFlowRequest.timeout_ms."""
+    @_builtins.property
+    def flow(self) -> Global___ScheduleFlowRequest: ...
+    def __init__(
+        self,
+        *,
+        flow: Global___ScheduleFlowRequest | None = ...,
+        timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["flow", b"flow"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flow", b"flow", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunFlowRequest: _TypeAlias = RunFlowRequest  # noqa: Y015
+
+@_typing.final
+class RunFlowResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXISTING_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    FLOW_FIELD_NUMBER: _builtins.int
+    existing: _builtins.bool
+    """True when the flow already existed (an idempotent repeat), as in ScheduleFlowResponse."""
+    done: _builtins.bool
+    """True when the flow is terminal; false when the wait timed out (the flow goes on: WaitFlow
+    picks it up). `flow` is its state either way.
+    """
+    @_builtins.property
+    def flow(self) -> _common_pb2.FlowInfo: ...
+    def __init__(
+        self,
+        *,
+        existing: _builtins.bool = ...,
+        done: _builtins.bool = ...,
+        flow: _common_pb2.FlowInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["flow", b"flow"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "existing", b"existing", "flow", b"flow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunFlowResponse: _TypeAlias = RunFlowResponse  # noqa: Y015
+
+@_typing.final
 class ListFlowsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -56,6 +56,11 @@ class SchedulerServiceStub:
                 request_serializer=ergon_dot_v1_dot_scheduler__pb2.WaitFlowRequest.SerializeToString,
                 response_deserializer=ergon_dot_v1_dot_scheduler__pb2.WaitFlowResponse.FromString,
                 _registered_method=True)
+        self.RunFlow = channel.unary_unary(
+                '/ergon.v1.SchedulerService/RunFlow',
+                request_serializer=ergon_dot_v1_dot_scheduler__pb2.RunFlowRequest.SerializeToString,
+                response_deserializer=ergon_dot_v1_dot_scheduler__pb2.RunFlowResponse.FromString,
+                _registered_method=True)
         self.ListFlows = channel.unary_unary(
                 '/ergon.v1.SchedulerService/ListFlows',
                 request_serializer=ergon_dot_v1_dot_scheduler__pb2.ListFlowsRequest.SerializeToString,
@@ -109,6 +114,14 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunFlow(self, request, context):
+        """Schedules one flow as ScheduleFlow does, then waits for it as WaitFlow does: start to
+        result in one call. Retrying it with the same request_id waits for the same flow.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListFlows(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -157,6 +170,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.WaitFlow,
                     request_deserializer=ergon_dot_v1_dot_scheduler__pb2.WaitFlowRequest.FromString,
                     response_serializer=ergon_dot_v1_dot_scheduler__pb2.WaitFlowResponse.SerializeToString,
+            ),
+            'RunFlow': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunFlow,
+                    request_deserializer=ergon_dot_v1_dot_scheduler__pb2.RunFlowRequest.FromString,
+                    response_serializer=ergon_dot_v1_dot_scheduler__pb2.RunFlowResponse.SerializeToString,
             ),
             'ListFlows': grpc.unary_unary_rpc_method_handler(
                     servicer.ListFlows,
@@ -288,6 +306,33 @@ class SchedulerService:
             '/ergon.v1.SchedulerService/WaitFlow',
             ergon_dot_v1_dot_scheduler__pb2.WaitFlowRequest.SerializeToString,
             ergon_dot_v1_dot_scheduler__pb2.WaitFlowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunFlow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ergon.v1.SchedulerService/RunFlow',
+            ergon_dot_v1_dot_scheduler__pb2.RunFlowRequest.SerializeToString,
+            ergon_dot_v1_dot_scheduler__pb2.RunFlowResponse.FromString,
             options,
             channel_credentials,
             insecure,

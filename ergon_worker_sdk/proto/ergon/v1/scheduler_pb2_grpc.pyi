@@ -41,6 +41,10 @@ class SchedulerServiceStub:
     GetFlow: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetFlowRequest, _scheduler_pb2.GetFlowResponse]
     WaitFlow: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.WaitFlowRequest, _scheduler_pb2.WaitFlowResponse]
     """Long-polls until the flow is terminal or the timeout passes (then done=false, not an error)."""
+    RunFlow: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.RunFlowRequest, _scheduler_pb2.RunFlowResponse]
+    """Schedules one flow as ScheduleFlow does, then waits for it as WaitFlow does: start to
+    result in one call. Retrying it with the same request_id waits for the same flow.
+    """
     ListFlows: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListFlowsRequest, _scheduler_pb2.ListFlowsResponse]
     GetFlowHistory: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetFlowHistoryRequest, _scheduler_pb2.GetFlowHistoryResponse]
     """The flow's journal, in recording order, paged."""
@@ -60,6 +64,10 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     GetFlow: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetFlowRequest, _scheduler_pb2.GetFlowResponse]  # type: ignore[assignment]
     WaitFlow: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.WaitFlowRequest, _scheduler_pb2.WaitFlowResponse]  # type: ignore[assignment]
     """Long-polls until the flow is terminal or the timeout passes (then done=false, not an error)."""
+    RunFlow: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.RunFlowRequest, _scheduler_pb2.RunFlowResponse]  # type: ignore[assignment]
+    """Schedules one flow as ScheduleFlow does, then waits for it as WaitFlow does: start to
+    result in one call. Retrying it with the same request_id waits for the same flow.
+    """
     ListFlows: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListFlowsRequest, _scheduler_pb2.ListFlowsResponse]  # type: ignore[assignment]
     GetFlowHistory: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetFlowHistoryRequest, _scheduler_pb2.GetFlowHistoryResponse]  # type: ignore[assignment]
     """The flow's journal, in recording order, paged."""
@@ -100,6 +108,16 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.WaitFlowResponse, _abc.Awaitable[_scheduler_pb2.WaitFlowResponse]]:
         """Long-polls until the flow is terminal or the timeout passes (then done=false, not an error)."""
+
+    @_abc_1.abstractmethod
+    def RunFlow(
+        self,
+        request: _scheduler_pb2.RunFlowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.RunFlowResponse, _abc.Awaitable[_scheduler_pb2.RunFlowResponse]]:
+        """Schedules one flow as ScheduleFlow does, then waits for it as WaitFlow does: start to
+        result in one call. Retrying it with the same request_id waits for the same flow.
+        """
 
     @_abc_1.abstractmethod
     def ListFlows(
