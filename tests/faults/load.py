@@ -2,8 +2,10 @@
 
 `MixedLoad` schedules flows of three kinds from the worker app and sends each `Signalled`
 flow its two signals at random moments (while servers die, the client retries with the same
-request id). `FaultPoint`s are taken at every fault: what the store had recorded and what the
-workers had run at that instant. `verify` then asserts what the guarantees promise:
+request id); it can also run flows with `Client.run`, each call waiting for its own outcome (a
+call a kill cuts is retried with the same request id and must find its flow, not make another).
+`FaultPoint`s are taken at every fault: what the store had recorded and what the workers had
+run at that instant. `verify` then asserts what the guarantees promise:
 
 - every flow scheduled (acknowledged) exists once and COMPLETED with its own right result;
 - each journal key once, steps with attempts 1, timers and both signals present, in order;
@@ -75,6 +77,7 @@ class MixedLoad:
     signal_delay_s: float = 4.0
     expected: dict[str, Expected] = field(default_factory=dict)
     _senders: list[asyncio.Task[None]] = field(default_factory=list)
+    _runners: list[asyncio.Task[None]] = field(default_factory=list)
     _n: int = 0
 
     async def schedule(self, count: int) -> list[str]:
@@ -103,6 +106,28 @@ class MixedLoad:
                 self._senders.append(asyncio.create_task(self._send_signals(flow_id, kind)))
         return ids
 
+    def run_soon(self, count: int, within: float) -> None:
+        """Start `count` ThreeSteps flows with `Client.run`, each awaiting its outcome."""
+        for _ in range(count):
+            self._n += 1
+            self._runners.append(asyncio.create_task(self._run(self._n, within)))
+
+    @property
+    def runs_in_flight(self) -> int:
+        """`Client.run` calls not yet answered."""
+        return sum(1 for task in self._runners if not task.done())
+
+    async def _run(self, n: int, within: float) -> None:
+        try:
+            outcome = await self.client.run(ThreeSteps(n), timeout=within)
+        except TimeoutError:
+            raise AssertionError(f"run of ThreeSteps({n}) did not end in {within} s") from None
+        # Expected only now (the server chose the id): a duplicate shows as an extra flow.
+        want = Expected("steps", {"n": n})
+        assert outcome.flow_id not in self.expected, f"run returned {outcome.flow_id} twice"
+        self.expected[outcome.flow_id] = want
+        assert (outcome.status, outcome.result) == (FlowStatus.COMPLETED, _result(want)), outcome
+
     async def _send_signals(self, flow_id: str, kind: Expected) -> None:
         n = kind.params["n"]
         await asyncio.sleep(self.rng.uniform(0, self.signal_delay_s))
@@ -116,7 +141,7 @@ class MixedLoad:
         Flows that have not ended in time are described (with their store rows when
         `store_url` is given), so a stuck flow can be understood from the failure alone.
         """
-        await asyncio.gather(*self._senders)
+        await asyncio.gather(*self._senders, *self._runners)
         ids = list(self.expected)
         try:
             outcomes = await asyncio.gather(*(self.client.wait(f, timeout=within) for f in ids))

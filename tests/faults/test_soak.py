@@ -51,6 +51,7 @@ async def test_soak_mixed_load_with_kills_then_whole_store_is_consistent(
             async def schedule() -> None:
                 while time.monotonic() - started < SECONDS:
                     await load.schedule(rng.randint(20, 80))
+                    load.run_soon(rng.randint(0, 4), within=300)
                     await asyncio.sleep(rng.uniform(0.5, 2.0))
 
             async def chaos() -> None:
