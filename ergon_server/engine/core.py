@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from ergon_server.clock import Clock
 from ergon_server.engine.config import EngineConfig
@@ -73,6 +74,8 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 MAX_ID_LENGTH = 256
 DEFAULT_PAGE_SIZE = 100
+# Timer fires queued for the group commit at once; the loop waits for one before adding more.
+MAX_TIMER_FIRES_IN_FLIGHT = 4
 
 
 def validate_id(value: str, what: str, *, allow_empty: bool = False) -> None:
@@ -117,6 +120,8 @@ class Engine:
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._runner: asyncio.Task[None] | None = None
         self._timer_wake = asyncio.Event()
+        # When the timer loop next scans (ms), while it sleeps: a timer due later needs no wake.
+        self._timer_scan_at: int | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._tracer = Tracer("ergon_server")
         self.draining = False
@@ -181,9 +186,14 @@ class Engine:
             if event.kind is StoreEventKind.CANCEL_REQUESTED:
                 session.send(CancelRequestedOut(event.flow_id, event.lease_token, ""))
             elif event.kind is StoreEventKind.WAKEUP:
-                task = asyncio.create_task(self._forward_wakeup(session, event))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._in_background(self._forward_wakeup(session, event))
+
+    def _in_background(self, job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `job` as a task that shutdown cancels."""
+        task = asyncio.create_task(job)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def _forward_wakeup(self, session: Session, event: StoreEvent) -> None:
         try:
@@ -254,19 +264,44 @@ class Engine:
 
     async def _timer_loop(self) -> None:
         poll = self.config.timer_poll_interval_ms
+        firing: set[asyncio.Task[None]] = set()
         while True:
             self._timer_wake.clear()
+            self._timer_scan_at = None
+            if len(firing) >= MAX_TIMER_FIRES_IN_FLIGHT:
+                await asyncio.wait(firing, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            # Fire what is due without waiting for that commit before planning the next scan:
+            # under load a group commit takes tens of ms, and a timer due meanwhile would wait
+            # for it too. Fires in flight never fire a timer twice: the store applies them in
+            # order, and each fires only what is still open.
+            now = self.clock.now_ms()
+            fire = self._in_background(self._fire_due_timers_logged())
+            firing.add(fire)
+            fire.add_done_callback(firing.discard)
             try:
-                await self.fire_due_timers()
-                next_at = await self.store.next_timer_at()
+                next_at = await self.store.next_timer_at(after_ms=now)
             except ErgonError as error:
                 log.warning("timer scan failed: %s", error.message)
                 next_at = None
             delay = poll if next_at is None else min(poll, next_at - self.clock.now_ms())
             if delay > 0:
+                self._timer_scan_at = self.clock.now_ms() + delay
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay / 1000):
                         await self._timer_wake.wait()
+
+    async def _fire_due_timers_logged(self) -> None:
+        try:
+            await self.fire_due_timers()
+        except ErgonError as error:
+            # The timers stay open; the next scan (at most a poll interval away) fires them.
+            log.warning("firing timers failed: %s", error.message)
+
+    def _timer_registered(self, fire_at: int) -> None:
+        """Wake the timer loop for a new timer due before its next scan."""
+        if self._timer_scan_at is None or fire_at < self._timer_scan_at:
+            self._timer_wake.set()
 
     def _satisfied(self, satisfied: Sequence[Satisfied]) -> None:
         """Act on waits that became satisfied: re-queue or tell the worker holding the flow."""
@@ -750,7 +785,7 @@ class Engine:
                 self._ack_fenced(session, event.seq, wait.flow_id, wait.lease_token, result.outcome)
                 continue
             if result.fire_at is not None and result.entry is None:
-                self._timer_wake.set()
+                self._timer_registered(result.fire_at)
             if wait.child is not None:
                 self.dispatcher.wake()
             session.send(

@@ -80,6 +80,9 @@ OPEN = "OPEN"
 SATISFIED = "SATISFIED"
 CANCELLED = "CANCELLED"
 
+# Earlier than any time a store holds: a lower bound that bounds nothing.
+NO_TIME = -(2**63)
+
 # --- JSON codecs (one document format for both schemas) ----------------------------------
 
 

@@ -232,8 +232,8 @@ class Store(Protocol):
         """
         ...
 
-    async def next_timer_at(self) -> int | None:
-        """The earliest fire_at among open TIMER waits, or None."""
+    async def next_timer_at(self, after_ms: int | None = None) -> int | None:
+        """The earliest fire_at among open TIMER waits (later than `after_ms` if given), or None."""
         ...
 
     async def park_flows(

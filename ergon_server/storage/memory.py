@@ -882,14 +882,17 @@ class MemoryStore:
                 fired.append(done)
         return fired
 
-    async def next_timer_at(self) -> int | None:
-        """The earliest fire_at among open TIMER waits, or None."""
+    async def next_timer_at(self, after_ms: int | None = None) -> int | None:
+        """The earliest fire_at among open TIMER waits (later than `after_ms` if given), or None."""
         self._check_open()
         times = [
             wait.fire_at
             for flow in self._flows.values()
             for wait in flow.waits.values()
-            if wait.status == OPEN and wait.kind is EntryKind.TIMER and wait.fire_at is not None
+            if wait.status == OPEN
+            and wait.kind is EntryKind.TIMER
+            and wait.fire_at is not None
+            and (after_ms is None or wait.fire_at > after_ms)
         ]
         return min(times) if times else None
 

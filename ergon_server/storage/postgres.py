@@ -92,6 +92,7 @@ from ergon_server.storage._batched import (
     FLOW_COLUMNS,
     JOURNAL_COLUMNS,
     JOURNAL_ROW,
+    NO_TIME,
     OPEN,
     SATISFIED,
     TERMINAL,
@@ -1851,10 +1852,12 @@ class PostgresStore(BatchedStore):
         )
         return {row[0] for row in rows}
 
-    async def next_timer_at(self) -> int | None:
-        """The earliest fire_at among open TIMER waits, or None."""
+    async def next_timer_at(self, after_ms: int | None = None) -> int | None:
+        """The earliest fire_at among open TIMER waits (later than `after_ms` if given), or None."""
         rows = await self._read(
-            "SELECT MIN(fire_at) FROM waits WHERE status = 'OPEN' AND kind = 'TIMER'"
+            "SELECT MIN(fire_at) FROM waits WHERE status = 'OPEN' AND kind = 'TIMER' "
+            "AND fire_at > $1",
+            NO_TIME if after_ms is None else after_ms,
         )
         value = rows[0][0]
         return int(value) if value is not None else None

@@ -77,6 +77,7 @@ from ergon_server.storage._batched import (
     FLOW_COLUMNS,
     JOURNAL_COLUMNS,
     JOURNAL_ROW,
+    NO_TIME,
     TERMINAL,
     AnyCommand,
     BatchedStore,
@@ -1475,11 +1476,12 @@ class SqliteStore(BatchedStore):
             known.update(row[0] for row in rows)
         return known
 
-    async def next_timer_at(self) -> int | None:
-        """The earliest fire_at among open TIMER waits, or None."""
+    async def next_timer_at(self, after_ms: int | None = None) -> int | None:
+        """The earliest fire_at among open TIMER waits (later than `after_ms` if given), or None."""
         rows = await self._read(
             "SELECT MIN(fire_at) FROM waits INDEXED BY waits_timers "
-            "WHERE status = 'OPEN' AND kind = 'TIMER'"
+            "WHERE status = 'OPEN' AND kind = 'TIMER' AND fire_at > ?",
+            (NO_TIME if after_ms is None else after_ms,),
         )
         value = rows[0][0]
         return int(value) if value is not None else None

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from ergon_server.clock import ManualClock
+from ergon_server.clock import ManualClock, SystemClock
 from ergon_server.engine import Engine, EngineConfig
-from ergon_server.engine.sessions import AckOut, Session, SuspendIn, WaitIn
+from ergon_server.engine.sessions import AckOut, Session, SuspendIn, WaitIn, WakeupOut
 from ergon_server.model import EntryKind, FlowStatus, NewFlow, SuspendRequest, WaitRequest
 from ergon_server.storage import create_store
 from ergon_server.storage.base import Store
@@ -84,3 +85,39 @@ async def test_registering_the_same_timer_again_keeps_its_first_fire_time(store:
     await engine.handle_worker_events(session, [WaitIn(2, again)])
     batch = await acks(session)
     assert [a.fire_at_ms for a in batch] == [first, first]
+
+
+async def test_a_timer_due_before_the_loops_next_scan_wakes_it(store: Store) -> None:
+    # The loop sleeps until the next due timer (or the poll interval, an hour here): a timer
+    # registered meanwhile that is due sooner must wake it, or it would fire an hour late.
+    clock = SystemClock()
+    config = EngineConfig(allow_unregistered_flow_types=True, timer_poll_interval_ms=3_600_000)
+    engine = Engine(store, clock, config)
+    await engine.schedule_flows([NewFlow("long", "Sleeper", b""), NewFlow("short", "Sleeper", b"")])
+    session, _ = await engine.open_session("w", ["Sleeper"], 2, 1, [])
+    claimed = await store.claim_flows(
+        session.session_id, ["Sleeper"], 2, clock.now_ms() + 600_000, clock.now_ms()
+    )
+    tokens = {c.flow_id: c.lease_token for c in claimed}
+    for flow_id, token in tokens.items():
+        engine.dispatcher.adopt(session, flow_id, token)
+    await engine.start()
+    try:
+        far = WaitRequest(
+            "long", tokens["long"], "timer#1", EntryKind.TIMER, fire_at=clock.now_ms() + 600_000
+        )
+        await engine.handle_worker_events(session, [WaitIn(1, far)])
+        await asyncio.sleep(0.2)  # the loop has planned its next scan for the far timer
+        soon = WaitRequest(
+            "short", tokens["short"], "timer#1", EntryKind.TIMER, fire_at=clock.now_ms() + 50
+        )
+        await engine.handle_worker_events(session, [WaitIn(2, soon)])
+        wakeups: list[WakeupOut] = []
+        async with asyncio.timeout(10):
+            while not wakeups:
+                wakeups = [e for e in await session.next_batch() if isinstance(e, WakeupOut)]
+        assert [(w.flow_id, w.entry.key) for w in wakeups] == [("short", "timer#1")]
+        assert wakeups[0].entry.recorded_at >= soon.fire_at
+        assert await engine.get_history("long", 0, 10) == []
+    finally:
+        await engine.shutdown()

@@ -193,6 +193,10 @@ async def test_fire_timers_oldest_first_with_limit(store: Store) -> None:
         T0,
     )
     assert await store.next_timer_at() == T0 + 10
+    # Later than a time: what a scan plans for while a fire up to that time is in flight.
+    assert await store.next_timer_at(after_ms=T0 + 10) == T0 + 20
+    assert await store.next_timer_at(after_ms=T0 + 30) == T0 + 1_000
+    assert await store.next_timer_at(after_ms=T0 + 1_000) is None
     first = await store.fire_timers(T0 + 100, 2)
     # Oldest fire_at first; ties by flow then key.
     assert [(s.flow_id, s.entry.key, s.entry.sequence) for s in first] == [
