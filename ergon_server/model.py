@@ -148,6 +148,8 @@ class JournalRecord:
     attempts: int
     args_hash: str
     recorded_at: int
+    # When a TIMER entry was due, as a flow's history reports it (None elsewhere).
+    due_at: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

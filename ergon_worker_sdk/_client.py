@@ -90,6 +90,8 @@ class JournalEntry:
     error: FlowError | None
     attempts: int
     recorded_at: datetime.datetime
+    # TIMER entries: when the timer was due (it fired at recorded_at).
+    due_at: datetime.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -514,6 +516,11 @@ class Client:
                         error=error,
                         attempts=entry.attempts,
                         recorded_at=entry.recorded_at.ToDatetime(datetime.UTC),
+                        due_at=(
+                            entry.due_at.ToDatetime(datetime.UTC)
+                            if entry.HasField("due_at")
+                            else None
+                        ),
                     )
                 )
             token = response.next_page_token

@@ -230,6 +230,8 @@ def entry_to_proto(entry: JournalRecord) -> common_pb2.JournalEntry:
         message.result.MergeFromString(entry.result)
     if entry.error is not None:
         message.error.CopyFrom(failure_to_proto(entry.error))
+    if entry.due_at is not None:
+        message.due_at.CopyFrom(timestamp(entry.due_at))
     return message
 
 

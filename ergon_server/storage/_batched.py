@@ -183,6 +183,20 @@ def flow_from_row(row: _Row) -> FlowRecord:
     )
 
 
+# A flow's history: its journal with each timer's due time (the TIMER wait of the same key).
+HISTORY_SELECT = (
+    f"SELECT {JOURNAL_ROW}, w.fire_at FROM journal j LEFT JOIN waits w "
+    "ON w.flow_id = j.flow_id AND w.key = j.key AND w.kind = 'TIMER' AND j.kind = 'TIMER' "
+)
+
+
+def history_from_row(row: _Row) -> JournalRecord:
+    """A history entry from a row of `HISTORY_SELECT`."""
+    record = journal_from_row(row)
+    due_at = row[len(row) - 1]
+    return record if due_at is None else dataclasses.replace(record, due_at=due_at)
+
+
 def journal_from_row(row: _Row, offset: int = 0) -> JournalRecord:
     """A journal entry from a row holding `JOURNAL_COLUMNS` from column `offset` on."""
     return JournalRecord(

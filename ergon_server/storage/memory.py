@@ -205,6 +205,14 @@ class _Flow:
         return entry
 
 
+def _with_due_time(flow: _Flow, entry: JournalRecord) -> JournalRecord:
+    """A history entry; a TIMER entry with its wait's due time."""
+    wait = flow.waits.get(entry.key)
+    if entry.kind is not EntryKind.TIMER or wait is None or wait.kind is not EntryKind.TIMER:
+        return entry
+    return dataclasses.replace(entry, due_at=wait.fire_at)
+
+
 class MemoryStore:
     """A `Store` held in dictionaries; same semantics as the SQL stores, no durability.
 
@@ -326,7 +334,8 @@ class MemoryStore:
         flow = self._flows.get(flow_id)
         if flow is None:
             return []
-        return [entry for entry in flow.history() if entry.sequence > after_sequence][:limit]
+        entries = [entry for entry in flow.history() if entry.sequence > after_sequence][:limit]
+        return [_with_due_time(flow, entry) for entry in entries]
 
     async def get_entry(self, flow_id: str, key: str) -> JournalRecord | None:
         """One journal entry of a flow, or None."""

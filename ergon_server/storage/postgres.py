@@ -90,6 +90,7 @@ from ergon_server.storage._batched import (
     CANCELLED,
     FLOW,
     FLOW_COLUMNS,
+    HISTORY_SELECT,
     JOURNAL_COLUMNS,
     JOURNAL_ROW,
     NO_TIME,
@@ -111,6 +112,7 @@ from ergon_server.storage._batched import (
     failure_to_json,
     flow_from_row,
     flow_resources,
+    history_from_row,
     journal_from_row,
     labels_json,
     plan_schedule,
@@ -1805,13 +1807,13 @@ class PostgresStore(BatchedStore):
         """Journal entries of the flow with sequence > after_sequence, in order, at most limit."""
         check_limit(limit)
         rows = await self._read(
-            f"SELECT {JOURNAL_COLUMNS} FROM journal WHERE flow_id = $1 AND sequence > $2 "
-            "ORDER BY sequence LIMIT $3",
+            f"{HISTORY_SELECT} WHERE j.flow_id = $1 AND j.sequence > $2 "
+            "ORDER BY j.sequence LIMIT $3",
             flow_id,
             after_sequence,
             limit,
         )
-        return [journal_from_row(row) for row in rows]
+        return [history_from_row(row) for row in rows]
 
     async def get_entry(self, flow_id: str, key: str) -> JournalRecord | None:
         """One journal entry of a flow, or None."""

@@ -75,6 +75,7 @@ from ergon_server.model import (
 from ergon_server.storage._batched import (
     CANCELLED,
     FLOW_COLUMNS,
+    HISTORY_SELECT,
     JOURNAL_COLUMNS,
     JOURNAL_ROW,
     NO_TIME,
@@ -94,6 +95,7 @@ from ergon_server.storage._batched import (
     failure_to_json,
     flow_from_row,
     flow_resources,
+    history_from_row,
     journal_from_row,
     labels_json,
     plan_schedule,
@@ -1419,11 +1421,10 @@ class SqliteStore(BatchedStore):
         """Journal entries of the flow with sequence > after_sequence, in order, at most limit."""
         check_limit(limit)
         rows = await self._read(
-            f"SELECT {JOURNAL_COLUMNS} FROM journal WHERE flow_id = ? AND sequence > ? "
-            "ORDER BY sequence LIMIT ?",
+            f"{HISTORY_SELECT} WHERE j.flow_id = ? AND j.sequence > ? ORDER BY j.sequence LIMIT ?",
             (flow_id, after_sequence, limit),
         )
-        return [journal_from_row(row) for row in rows]
+        return [history_from_row(row) for row in rows]
 
     async def get_entry(self, flow_id: str, key: str) -> JournalRecord | None:
         """One journal entry of a flow, or None."""

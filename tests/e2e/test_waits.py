@@ -32,6 +32,9 @@ async def test_1000_sleeping_flows_hold_no_slots_and_no_timer_fires_early(
         assert (timer.key, timer.kind) == ("timer#1", "TIMER")
         assert outcome.created_at is not None
         assert (timer.recorded_at - outcome.created_at).total_seconds() >= 2.0
+        # The history says when it was due: 2 s after the flow registered it, not before.
+        assert timer.due_at is not None and timer.recorded_at >= timer.due_at
+        assert (timer.due_at - outcome.created_at).total_seconds() >= 2.0
     report = worker.stop()
     assert "max_running=" in report and int(report.split("max_running=")[1].split()[0]) <= 10
     # With slots held while sleeping, 1,000 flows x 2 s over 10 slots would take 200 s.

@@ -6,6 +6,7 @@ Every test that takes `store` or `backend` runs on every backend (see conftest.p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -131,7 +132,8 @@ async def test_timer_fires_at_its_time_never_early(store: Store) -> None:
     sleep = entry(1, "sleep", EntryKind.TIMER, T0 + 1_000)
     # The flow runs: its worker must be told, under its lease.
     assert fired == [Satisfied("f1", sleep, RUNNING, claimed.lease_token, "s1")]
-    assert await store.get_history("f1", 0, 10) == [sleep]
+    # The history also tells when it was due (the entry itself, as workers get it, does not).
+    assert await store.get_history("f1", 0, 10) == [dataclasses.replace(sleep, due_at=T0 + 1_000)]
     assert await store.next_timer_at() is None
     assert await store.fire_timers(T0 + 5_000, 10) == []
     # Registering a fired timer again answers its entry.
@@ -1151,3 +1153,17 @@ async def test_sqlite_wait_statements_use_their_indexes(sqlite_store: SqliteStor
         lookup = plan(module._by_pairs(select, alias, pairs), ("f", "a", "g", "b"))
         assert f"SEARCH {alias} USING INDEX sqlite_autoindex" in lookup, lookup
         assert f"SCAN {alias}" not in lookup, lookup
+
+
+async def test_history_gives_each_timer_its_due_time(store: Store) -> None:
+    a = await claim_one(store, "a")
+    assert await store.record_steps([step(a, "s#1")], T0) == [OK]
+    await register(store, timer(a, "t#1", T0 + 50), T0)
+    await register(store, timer(a, "t#2", T0 + 500), T0)
+    await store.fire_timers(T0 + 70, 10)
+    history = await store.get_history("a", 0, 10)
+    # Fired at 70 for 50; the open one is not in the journal yet; a step has no due time.
+    assert [(e.key, e.due_at, e.recorded_at) for e in history] == [
+        ("s#1", None, T0),
+        ("t#1", T0 + 50, T0 + 70),
+    ]

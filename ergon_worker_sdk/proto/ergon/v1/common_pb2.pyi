@@ -252,6 +252,7 @@ class JournalEntry(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     ARGS_HASH_FIELD_NUMBER: _builtins.int
     RECORDED_AT_FIELD_NUMBER: _builtins.int
+    DUE_AT_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Order of recording within the flow, from 1."""
     key: _builtins.str
@@ -267,6 +268,12 @@ class JournalEntry(_message.Message):
     def error(self) -> Global___Failure: ...
     @_builtins.property
     def recorded_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def due_at(self) -> _timestamp_pb2.Timestamp:
+        """TIMER entries in a flow's history: when the timer was due (it fired at recorded_at, never
+        before this). Unset for other kinds.
+        """
+
     def __init__(
         self,
         *,
@@ -279,10 +286,11 @@ class JournalEntry(_message.Message):
         attempts: _builtins.int = ...,
         args_hash: _builtins.str = ...,
         recorded_at: _timestamp_pb2.Timestamp | None = ...,
+        due_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "recorded_at", b"recorded_at", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["due_at", b"due_at", "error", b"error", "recorded_at", b"recorded_at", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args_hash", b"args_hash", "attempts", b"attempts", "error", b"error", "key", b"key", "kind", b"kind", "recorded_at", b"recorded_at", "result", b"result", "sequence", b"sequence", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args_hash", b"args_hash", "attempts", b"attempts", "due_at", b"due_at", "error", b"error", "key", b"key", "kind", b"kind", "recorded_at", b"recorded_at", "result", b"result", "sequence", b"sequence", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
