@@ -334,14 +334,19 @@ class Client:
         self, flow_type: str, input_value: Any = None, *, flow_id: str | None = None
     ) -> str:
         """Schedule a flow by type name with a JSON-able input (the CLI's way, no class needed)."""
-        request = scheduler_pb2.ScheduleFlowRequest(
+        request = self._type_request(flow_type, input_value, flow_id)
+        response = await self._call(self._scheduler.ScheduleFlow, request)
+        return response.flow_id
+
+    def _type_request(
+        self, flow_type: str, input_value: Any, flow_id: str | None
+    ) -> scheduler_pb2.ScheduleFlowRequest:
+        return scheduler_pb2.ScheduleFlowRequest(
             flow_id=flow_id or "",
             flow_type=flow_type,
             request_id=uuid.uuid4().hex,
             input=self.payload(input_value if input_value is not None else {}),
         )
-        response = await self._call(self._scheduler.ScheduleFlow, request)
-        return response.flow_id
 
     async def workers(self) -> list[WorkerInfo]:
         """The worker sessions connected to the server (to this replica)."""
@@ -453,11 +458,27 @@ class Client:
         Raises:
             TimeoutError: the flow had not ended after `timeout` seconds.
         """
+        return await self._run(self.schedule_request(flow, **options), timeout)
+
+    async def run_type(
+        self,
+        flow_type: str,
+        input_value: Any = None,
+        *,
+        flow_id: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - as `run`
+    ) -> FlowOutcome:
+        """Run a flow by type name with a JSON-able input, as `schedule_type`; see `run`."""
+        return await self._run(self._type_request(flow_type, input_value, flow_id), timeout)
+
+    async def _run(
+        self,
+        schedule: scheduler_pb2.ScheduleFlowRequest,
+        timeout: float | None,  # noqa: ASYNC109 - the caller's
+    ) -> FlowOutcome:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        request = scheduler_pb2.RunFlowRequest(
-            flow=self.schedule_request(flow, **options), timeout_ms=_wait_ms(loop, deadline)
-        )
+        request = scheduler_pb2.RunFlowRequest(flow=schedule, timeout_ms=_wait_ms(loop, deadline))
         response = await self._call(self._scheduler.RunFlow, request)
         if response.done:
             return self.outcome(response.flow)

@@ -120,13 +120,7 @@ async def flows_list(client: Client, out: Output, args: argparse.Namespace) -> N
     )
 
 
-async def flows_show(client: Client, out: Output, args: argparse.Namespace) -> None:
-    """One flow: status, result or error, and its journal with timings."""
-    flow = await client.get(args.flow_id)
-    journal = await client.history(args.flow_id)
-    if out.as_json:
-        out.json(_flow_dict(flow) | {"journal": [dataclasses.asdict(e) for e in journal]})
-        return
+def _print_flow(out: Output, flow: FlowOutcome) -> None:
     print(f"flow     {flow.flow_id}", file=out.stream)
     print(f"type     {flow.flow_type}", file=out.stream)
     print(f"status   {out.paint(flow.status.name)} (attempt {flow.attempt})", file=out.stream)
@@ -138,6 +132,16 @@ async def flows_show(client: Client, out: Output, args: argparse.Namespace) -> N
     if flow.error is not None:
         reason = f" [{flow.error.reason}]" if flow.error.reason else ""
         print(f"error    {flow.error.type}: {flow.error.message}{reason}", file=out.stream)
+
+
+async def flows_show(client: Client, out: Output, args: argparse.Namespace) -> None:
+    """One flow: status, result or error, and its journal with timings."""
+    flow = await client.get(args.flow_id)
+    journal = await client.history(args.flow_id)
+    if out.as_json:
+        out.json(_flow_dict(flow) | {"journal": [dataclasses.asdict(e) for e in journal]})
+        return
+    _print_flow(out, flow)
     print(file=out.stream)
     start = flow.created_at
     rows = []
@@ -168,7 +172,19 @@ def _json_arg(text: str | None) -> Any:
 
 
 async def schedule(client: Client, out: Output, args: argparse.Namespace) -> None:
-    """Schedule a flow by type name."""
+    """Schedule a flow by type name; with --wait, then wait for its outcome (one call)."""
+    if args.wait is not None:
+        try:
+            flow = await client.run_type(
+                args.flow_type, _json_arg(args.input), flow_id=args.flow_id, timeout=args.wait
+            )
+        except TimeoutError as error:
+            raise SystemExit(f"error: {error}") from None
+        if out.as_json:
+            out.json(_flow_dict(flow))
+        else:
+            _print_flow(out, flow)
+        return
     flow_id = await client.schedule_type(
         args.flow_type, _json_arg(args.input), flow_id=args.flow_id
     )
@@ -249,6 +265,12 @@ def parser() -> argparse.ArgumentParser:
     scheduling.add_argument("flow_type")
     scheduling.add_argument("--json", dest="input", help="the input, as a JSON object")
     scheduling.add_argument("--flow-id", help="the business key (default: generated)")
+    scheduling.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="then wait up to SECONDS for the flow to end and print its outcome",
+    )
     scheduling.set_defaults(run=schedule)
     signalling = commands.add_parser("signal", help="send a signal to a flow")
     signalling.add_argument("flow_id")

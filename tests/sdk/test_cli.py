@@ -102,3 +102,22 @@ async def test_cancel_and_errors(running: tuple[ErgonTestServer, Client]) -> Non
     assert code == 1 and "NOT_FOUND FLOW_NOT_FOUND" in err
     code, _, err = await ergon(server.address, "schedule", "NoSuchType")
     assert code == 1 and "UNKNOWN_FLOW_TYPE" in err
+
+
+async def test_schedule_with_wait_prints_the_outcome_or_says_it_has_not_ended(
+    running: tuple[ErgonTestServer, Client],
+) -> None:
+    server, client = running
+    args = ("schedule", "CliOrder", "--json", '{"order_id": "W-1"}', "--flow-id", "w1")
+    code, out, err = await ergon(server.address, *args, "--wait", "0.3")
+    # It waits for a signal: scheduled, not ended, and the error names the flow.
+    assert (code, out) == (1, "") and "flow w1 has not ended after 0.3 s" in err, err
+    await client.signal("w1", "approved", {"by": "ann"})
+    code, out, err = await ergon(server.address, *args, "--wait", "10")
+    assert code == 0, err
+    for expected in ("w1", "COMPLETED", "reserved W-1, approved by ann"):
+        assert expected in out, out
+    code, out, _ = await ergon(server.address, "--json", *args, "--wait", "10")
+    shown = json.loads(out)
+    assert (shown["flow_id"], shown["status"]) == ("w1", "COMPLETED")
+    assert shown["result"] == "reserved W-1, approved by ann"
