@@ -75,7 +75,7 @@ PROTOCOL_VERSION = 1
 MAX_ID_LENGTH = 256
 DEFAULT_PAGE_SIZE = 100
 # Timer fires queued for the group commit at once; the loop waits for one before adding more.
-MAX_TIMER_FIRES_IN_FLIGHT = 4
+MAX_TIMER_FIRES_IN_FLIGHT = 16
 
 
 def validate_id(value: str, what: str, *, allow_empty: bool = False) -> None:
