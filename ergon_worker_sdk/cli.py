@@ -20,6 +20,7 @@ import dataclasses
 import datetime
 import enum
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -162,6 +163,17 @@ async def flows_show(client: Client, out: Output, args: argparse.Namespace) -> N
     out.table(["SEQ", "KEY", "KIND", "STATUS", "ATTEMPTS", "AT", "RESULT"], rows)
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a duration in seconds, not negative."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not negative: {text!r}")
+    return value
+
+
 def _json_arg(text: str | None) -> Any:
     if text is None:
         return None
@@ -267,7 +279,7 @@ def parser() -> argparse.ArgumentParser:
     scheduling.add_argument("--flow-id", help="the business key (default: generated)")
     scheduling.add_argument(
         "--wait",
-        type=float,
+        type=_seconds,
         metavar="SECONDS",
         help="then wait up to SECONDS for the flow to end and print its outcome",
     )

@@ -121,3 +121,6 @@ async def test_schedule_with_wait_prints_the_outcome_or_says_it_has_not_ended(
     shown = json.loads(out)
     assert (shown["flow_id"], shown["status"]) == ("w1", "COMPLETED")
     assert shown["result"] == "reserved W-1, approved by ann"
+    for bad in ("-1", "inf", "soon"):
+        code, _, err = await ergon(server.address, *args, "--wait", bad)
+        assert code == 2 and "--wait" in err, err
