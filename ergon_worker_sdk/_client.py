@@ -162,7 +162,8 @@ def _wait_ms(loop: asyncio.AbstractEventLoop, deadline: float | None) -> int:
     """The timeout_ms of the next waiting call towards `deadline` (None: no deadline)."""
     if deadline is None:
         return MAX_WAIT_MS
-    return max(0, min(int((deadline - loop.time()) * 1000), MAX_WAIT_MS))
+    # Capped before int(): an infinite timeout means wait as long as the server allows.
+    return int(max(0.0, min((deadline - loop.time()) * 1000, float(MAX_WAIT_MS))))
 
 
 # The server's grpc.http2.min_recv_ping_interval_without_data_ms, in seconds.

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
 
-from ergon_worker_sdk import Client, Worker, await_external_signal, flow, flow_type, step
+from ergon_worker_sdk import (
+    Client,
+    FlowStatus,
+    Worker,
+    await_external_signal,
+    flow,
+    flow_type,
+    step,
+)
 from ergon_worker_sdk.testing import ErgonTestServer
 
 
@@ -113,6 +122,8 @@ async def test_schedule_with_wait_prints_the_outcome_or_says_it_has_not_ended(
     # It waits for a signal: scheduled, not ended, and the error names the flow.
     assert (code, out) == (1, "") and "flow w1 has not ended after 0.3 s" in err, err
     await client.signal("w1", "approved", {"by": "ann"})
+    # No deadline at all is a wait as long as the server allows, call after call.
+    assert (await client.wait("w1", timeout=math.inf)).status is FlowStatus.COMPLETED
     code, out, err = await ergon(server.address, *args, "--wait", "10")
     assert code == 0, err
     for expected in ("w1", "COMPLETED", "reserved W-1, approved by ann"):
