@@ -28,6 +28,12 @@ class Snapshot:
     recorded: set[tuple[str, str]] = field(default_factory=set)  # (flow_id, key) COMPLETED
 
     @property
+    def progress(self) -> int:
+        """Entries recorded plus flows ended: it only grows while work goes on."""
+        ended = sum(1 for row in self.flows.values() if row["status"] in ("COMPLETED", "FAILED"))
+        return len(self.recorded) + ended
+
+    @property
     def completed_steps(self) -> set[tuple[str, str]]:
         """(flow_id, step name) of every step whose result is recorded."""
         return {
