@@ -411,6 +411,11 @@ class Sim:
         """The journal entries in the database of these (flow_id, key) pairs, where they exist."""
         raise NotImplementedError
 
+    async def final_entries(self, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of these (flow_id, key) pairs have a final journal entry in the database."""
+        found = await self.journal_entries(pairs)
+        return {pair for pair, entry in found.items() if entry.status.final}
+
     async def schedule(self, items: Sequence[tuple[NewFlow, int]]) -> list[ScheduleResult]:
         """Schedule flows (each with its now_ms) in order, as `schedule_flows` would."""
         raise NotImplementedError
@@ -770,8 +775,8 @@ def plan_stages(
 
     Args:
         batch: Commands in queue order.
-        links: For each flow the batch may end, the flows waiting for it (the dialect's
-            `_child_links`).
+        links: For each flow the batch may end, the flows waiting for it (SQLite's
+            `_child_links`, PostgreSQL's `_lock_batch`).
 
     Returns:
         Stages in application order; each is a non-empty list of commands of one class, in
@@ -875,7 +880,7 @@ class FinishFlows(SimCommand[tuple[list[WriteOutcome], list[Satisfied]]]):
             for key in finish.requires_keys
         ]
         # Step records come before a finish of the same flow in a batch, so this sees them.
-        recorded = await sim.journal_entries(required) if required else {}
+        final = await sim.final_entries(required) if required else set()
         for command in commands:
             now_ms = command.now_ms
             outcomes: list[WriteOutcome] = []
@@ -887,9 +892,7 @@ class FinishFlows(SimCommand[tuple[list[WriteOutcome], list[Satisfied]]]):
                 elif state.lease_token != finish.lease_token:
                     outcomes.append(WriteOutcome.LEASE_LOST)
                 elif state.status == "RUNNING" and not all(
-                    (entry := recorded.get((finish.flow_id, key))) is not None
-                    and entry.status.final
-                    for key in finish.requires_keys
+                    (finish.flow_id, key) in final for key in finish.requires_keys
                 ):
                     outcomes.append(WriteOutcome.NOT_RECORDED)
                 elif state.status == "RUNNING":

@@ -240,6 +240,13 @@ def _usable(conn: _Conn) -> bool:
         return False
 
 
+def _literal(text: str) -> str:
+    """`text` as a PostgreSQL string constant, whatever `standard_conforming_strings` says."""
+    if "\x00" in text:
+        raise ValueError("a PostgreSQL string cannot hold NUL")
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
 def _row_count(status: str) -> int:
     """The row count of a command status such as "UPDATE 3"."""
     tail = status.rsplit(" ", 1)[-1]
@@ -364,13 +371,16 @@ class _Events:
 class _Tx:
     """One transaction of the lane: its connection, the flows it has locked, its events."""
 
-    __slots__ = ("conn", "events", "locked")
+    __slots__ = ("conn", "events", "final_steps", "locked")
 
     def __init__(self, conn: _Conn) -> None:
         self.conn = conn
         self.events = _Events()
         # Flows whose row this transaction holds FOR UPDATE (or inserted itself).
         self.locked: set[str] = set()
+        # (flow_id, key) of step entries this transaction recorded with a final status: a
+        # finish that requires them needs no read (a final entry is never rewritten).
+        self.final_steps: set[tuple[str, str]] = set()
 
     async def lock(self, flow_ids: Iterable[str], *, skip_locked: bool = False) -> None:
         """Lock the named flows that exist, in flow_id order (the order every writer uses).
@@ -388,15 +398,18 @@ class _Tx:
         )
         self.locked.update(row[0] for row in rows)
 
-    async def notify(self, channel: str, origin: str) -> None:
-        """Queue this transaction's events, from `origin`; PostgreSQL delivers them at commit."""
+    async def commit(self, channel: str, origin: str) -> None:
+        """Send this transaction's events (from `origin`) and commit, in one round trip.
+
+        PostgreSQL delivers the notifications only if the commit succeeds. The payloads go as
+        string constants, so NOTIFY and COMMIT make one simple-protocol message: a statement
+        with parameters would cost a round trip of its own.
+        """
         payloads = _encode_events(self.events.events(), origin=origin)
-        if payloads:
-            await self.conn.execute(
-                "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
-                channel,
-                payloads,
-            )
+        notify = "".join(
+            f"SELECT pg_notify({_literal(channel)}, {_literal(payload)});" for payload in payloads
+        )
+        await self.conn.execute(notify + "COMMIT")
 
 
 async def _fence(tx: _Tx, flow_ids: Iterable[str]) -> dict[str, list[Any]]:
@@ -582,6 +595,13 @@ class _Sim(Sim):
         """The journal entries in the database of these (flow_id, key) pairs, where they exist."""
         return await _journal_entries(self.tx, pairs)
 
+    async def final_entries(self, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which pairs have a final entry; those this transaction recorded final cost no read."""
+        known = self.tx.final_steps
+        final = {pair for pair in pairs if pair in known}
+        rest = [pair for pair in pairs if pair not in final]
+        return final | (await super().final_entries(rest) if rest else set())
+
     async def schedule(self, items: Sequence[tuple[NewFlow, int]]) -> list[ScheduleResult]:
         """Schedule flows (each with its now_ms) in order, as `schedule_flows` would."""
         return await _schedule(self.tx, items)
@@ -614,6 +634,8 @@ class _Sim(Sim):
         if self.records:
             await conn.executemany(_INSERT_ENTRY, self.entry_rows())
         if self.trims:
+            trimmed = {flow_id for flow_id, _ in self.trims}
+            self.tx.final_steps = {p for p in self.tx.final_steps if p[0] not in trimmed}
             # Entries recorded after the retry (higher sequences) are kept.
             await conn.executemany(
                 "DELETE FROM journal WHERE flow_id = $1 AND status = 'FAILED' AND sequence <= $2",
@@ -858,11 +880,13 @@ class _RecordSteps(Command[list[WriteOutcome]]):
         )
         for command in commands:
             outcomes = [WriteOutcome(next(answers)[0]) for _ in command.records]
-            tx.locked.update(
-                record.flow_id
-                for record, outcome in zip(command.records, outcomes, strict=True)
-                if outcome is not WriteOutcome.NOT_FOUND
-            )
+            for record, outcome in zip(command.records, outcomes, strict=True):
+                if outcome is not WriteOutcome.NOT_FOUND:
+                    tx.locked.add(record.flow_id)
+                # OK with a final status: the entry is final now, this one or an earlier
+                # final entry the upsert left alone.
+                if outcome is WriteOutcome.OK and record.status.final:
+                    tx.final_steps.add((record.flow_id, record.key))
             command.result = outcomes
 
 
@@ -1322,28 +1346,41 @@ class _ParkFlows(_OnSim, ParkFlows):
     __slots__ = ()
 
 
-async def _child_links(tx: _Tx, batch: Sequence[AnyCommand]) -> dict[str, set[str]]:
-    """For each flow a batch may end, the flows whose CHILD waits name it.
+async def _lock_batch(tx: _Tx, batch: Sequence[AnyCommand]) -> dict[str, set[str]]:
+    """Lock every flow a batch may write, in one statement; return the parents of its ends.
 
-    Ending a child writes its waiting flows (their entries, their status), so the planner
-    must order it against the batch's other commands on those flows. The waits in the
-    database, plus those the batch itself may create, cover every such flow: a wait's child
-    never changes and wait rows are never deleted. (Read without locks: it only orders this
-    process's commands; the commands lock what they write.)
+    The result maps each flow the batch may end to the flows whose CHILD waits name it.
+    Ending a child writes its waiting flows (their entries, their status), so those are
+    locked with the batch's own flows (all in flow_id order, the order every writer uses), and
+    the planner must order the child's end against the batch's other commands on them. The
+    waits in the database, plus those the batch itself may create, cover every such flow: a
+    wait's child never changes and wait rows are never deleted. (The waits are read without
+    locks: they only order this process's commands; the commands lock what they write.)
     """
     ending = unique(flow_id for command in batch for flow_id in command.ending_flows())
-    if not ending:
-        return {}
     links: dict[str, set[str]] = {}
     for command in batch:
         for child, waiting in command.child_links():
             links.setdefault(child, set()).add(waiting)
-    for child, waiting in await tx.conn.fetch(
-        "SELECT child_flow_id, flow_id FROM waits "
-        "WHERE kind = 'CHILD' AND child_flow_id = ANY($1::text[])",
+    names = [name for name in _batch_flows(batch, links) if name not in tx.locked]
+    if not ending:
+        await tx.lock(names)
+        return {}
+    rows = await tx.conn.fetch(
+        "WITH parents AS (SELECT child_flow_id, flow_id FROM waits "
+        "WHERE kind = 'CHILD' AND child_flow_id = ANY($2::text[])), "
+        "locked AS (SELECT flow_id FROM flows "
+        "WHERE flow_id = ANY($1::text[] || ARRAY(SELECT flow_id FROM parents)) "
+        "ORDER BY flow_id FOR UPDATE) "
+        "SELECT NULL, flow_id FROM locked UNION ALL SELECT child_flow_id, flow_id FROM parents",
+        names,
         ending,
-    ):
-        links.setdefault(child, set()).add(waiting)
+    )
+    for child, flow_id in rows:
+        if child is None:
+            tx.locked.add(flow_id)
+        else:
+            links.setdefault(child, set()).add(flow_id)
     return links
 
 
@@ -1716,9 +1753,10 @@ class PostgresStore(BatchedStore):
                 # leaves the entries it wrote alone).
                 raise _StaleConnection() from exc
             return
-        transaction = conn.transaction()
+        # BEGIN and COMMIT by hand, not with asyncpg's `Transaction`: the commit goes in one
+        # message with the notifications (`_Tx.commit`), which that class cannot do.
         try:
-            await transaction.start()
+            await conn.execute("BEGIN")
         except Exception as exc:
             # The held connection died while idle (a server restart, an idle timeout): no
             # statement of the batch ran, so running it again on a fresh connection is safe.
@@ -1727,17 +1765,14 @@ class PostgresStore(BatchedStore):
         try:
             links: dict[str, set[str]] = {}
             if len(batch) > 1:
-                links = await _child_links(tx, batch)
-                # One statement locks every flow the batch names, in flow_id order.
-                await tx.lock(_batch_flows(batch, links))
+                links = await _lock_batch(tx, batch)
             for stage in plan_stages(batch, links):
                 await type(stage[0]).apply_all(tx, stage)
-            await tx.notify(self._channel, self._origin)
+            await tx.commit(self._channel, self._origin)
         except BaseException:
             with contextlib.suppress(Exception):
-                await transaction.rollback()
+                await conn.execute("ROLLBACK")
             raise
-        await transaction.commit()
 
     # --- reads ---
 

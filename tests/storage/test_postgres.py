@@ -37,8 +37,8 @@ from ergon_server.storage.postgres import (
     _ClaimFlows,
     _decode_events,
     _encode_events,
+    _literal,
     _translate,
-    _Tx,
 )
 from tests.storage.support import (
     CREATED,
@@ -327,23 +327,30 @@ async def test_a_replica_does_not_hear_its_own_notifications(
 
 
 async def test_notifications_are_sent_only_on_commit(
-    replicas: tuple[PostgresStore, PostgresStore], monkeypatch: pytest.MonkeyPatch
+    dsn: str, replicas: tuple[PostgresStore, PostgresStore]
 ) -> None:
     first, second = replicas
     events = Events()
     await second.subscribe(events)
     await first.schedule_flows([flow("f1")], T0)
     await first.claim_flows("s1", ["orders"], 1, T0 + TTL, T0)
-    real_notify = _Tx.notify
-
-    async def notify_then_fail(tx: _Tx, channel: str, origin: str) -> None:
-        await real_notify(tx, channel, origin)
-        raise RuntimeError("the transaction fails after its NOTIFY")
-
-    monkeypatch.setattr(_Tx, "notify", notify_then_fail)
-    with pytest.raises(StoreError):
-        await first.cancel_flow("f1", "stop", T0 + 1)
-    monkeypatch.undo()
+    # A deferred constraint trigger fails the cancel's transaction at COMMIT, the statement
+    # that carries its NOTIFY (`_Tx.commit`).
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "CREATE FUNCTION refuse_cancel() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'cancel refused at commit'; END $$; "
+            "CREATE CONSTRAINT TRIGGER refuse_cancel AFTER UPDATE ON flows "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+            "WHEN (NEW.cancel_requested AND NOT OLD.cancel_requested) "
+            "EXECUTE FUNCTION refuse_cancel()"
+        )
+        with pytest.raises(StoreError, match="cancel refused at commit"):
+            await first.cancel_flow("f1", "stop", T0 + 1)
+        await conn.execute("DROP TRIGGER refuse_cancel ON flows")
+    finally:
+        await conn.close()
     marker = await claim_one(first, "f2", now=T0 + 2)
     done = FlowFinish("f2", marker.lease_token, FlowStatus.COMPLETED, result=b"")
     await first.finish_flows([done], T0 + 3)
@@ -353,6 +360,36 @@ async def test_notifications_are_sent_only_on_commit(
     assert not any(e.kind is StoreEventKind.CANCEL_REQUESTED for e in events.seen)
     record = await second.get_flow("f1")
     assert record is not None and not record.cancel_requested
+
+
+# Quotes, backslashes, dollar quotes, a JSON escape's look-alike and non-ASCII text.
+AWKWARD = ["", "plain", "it's", "a\\b", "\\'; COMMIT; --", "$$x$$", "\\u0041", "ünï ☃"]
+
+
+@pytest.mark.parametrize("conforming", ["on", "off"])
+async def test_string_constants_read_back_as_the_text(dsn: str, conforming: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"SET standard_conforming_strings = {conforming}")
+        for text in AWKWARD:
+            assert await conn.fetchval(f"SELECT {_literal(text)}") == text
+    finally:
+        await conn.close()
+    with pytest.raises(ValueError, match="NUL"):
+        _literal("a\x00b")
+
+
+async def test_notifications_carry_awkward_flow_ids_intact(
+    replicas: tuple[PostgresStore, PostgresStore],
+) -> None:
+    first, second = replicas
+    events = Events()
+    await second.subscribe(events)
+    for n, text in enumerate(AWKWARD[1:]):
+        claimed = await claim_one(first, text, now=T0 + n)
+        done = FlowFinish(text, claimed.lease_token, FlowStatus.COMPLETED, result=b"")
+        await first.finish_flows([done], T0 + n)
+        await events.wait_for(lambda e, text=text: e == StoreEvent(StoreEventKind.ENDED, text))
 
 
 async def test_listener_reconnects_by_itself(dsn: str) -> None:
