@@ -9,7 +9,7 @@ and `ergon.record_steps`; workers emit `ergon.flow` and `ergon.step`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 try:
@@ -17,26 +17,37 @@ try:
 except ImportError:  # the extra is not installed
     _otel = None  # type: ignore[assignment]
 
+_NO_SPAN: AbstractContextManager[object] = contextlib.nullcontext()
+_UNKNOWN = object()
+
+
+def _provider_set() -> bool:
+    """Whether the application has set a tracer provider (until then spans go nowhere)."""
+    # OpenTelemetry's public check looks the environment up on every call while no provider
+    # is set, a few microseconds on every step; its module global says the same for an
+    # attribute read. The public check stays for a release without that global.
+    provider = getattr(_otel, "_TRACER_PROVIDER", _UNKNOWN)
+    if provider is _UNKNOWN:
+        return not isinstance(_otel.get_tracer_provider(), _otel.ProxyTracerProvider)
+    return provider is not None
+
 
 class Tracer:
     """Makes spans, or nothing when OpenTelemetry is absent."""
 
     def __init__(self, name: str) -> None:
-        self._tracer = None if _otel is None else _otel.get_tracer(name)
+        self._tracer = None
+        if _otel is not None:
+            # Loads a provider named by OTEL_PYTHON_TRACER_PROVIDER, if any, into the global.
+            _otel.get_tracer_provider()
+            self._tracer = _otel.get_tracer(name)
 
-    @contextlib.contextmanager
-    def span(self, name: str, **attributes: Any) -> Iterator[None]:
+    def span(self, name: str, **attributes: Any) -> AbstractContextManager[object]:
         """A span around the block (exceptions are recorded on it)."""
-        # Until the application sets a tracer provider, spans would go nowhere: skip the
-        # cost (a few microseconds each, on every step).
-        if self._tracer is None or isinstance(
-            _otel.get_tracer_provider(), _otel.ProxyTracerProvider
-        ):
-            yield
-            return
+        if self._tracer is None or not _provider_set():
+            return _NO_SPAN
         clean = {k: v for k, v in attributes.items() if v is not None}
-        with self._tracer.start_as_current_span(name, attributes=clean):
-            yield
+        return self._tracer.start_as_current_span(name, attributes=clean)
 
 
 def enabled() -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 from opentelemetry import trace
@@ -57,3 +58,30 @@ async def test_schedule_dispatch_record_flow_and_step_spans(exporter: InMemorySp
     assert (step.attributes["ergon.key"], step.attributes["ergon.attempt"]) == ("add_one#1", 1)
     assert spans["ergon.flow"].attributes is not None
     assert spans["ergon.flow"].attributes["ergon.flow_type"] == "Traced"
+
+
+def test_a_failing_block_is_recorded_on_its_span(exporter: InMemorySpanExporter) -> None:
+    exporter.clear()
+    with pytest.raises(ValueError, match="boom"), tracing.Tracer("t").span("failing", a=1, b=None):
+        raise ValueError("boom")
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "failing"
+    assert dict(span.attributes or {}) == {"a": 1}
+    assert not span.status.is_ok
+    assert [event.name for event in span.events] == ["exception"]
+
+
+def test_without_opentelemetrys_global_its_public_check_decides(
+    exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A release of opentelemetry-api without the module global the fast check reads.
+    stand_in = SimpleNamespace(
+        get_tracer_provider=trace.get_tracer_provider,
+        ProxyTracerProvider=trace.ProxyTracerProvider,
+        get_tracer=trace.get_tracer,
+    )
+    monkeypatch.setattr(tracing, "_otel", stand_in)
+    exporter.clear()
+    with tracing.Tracer("t").span("made"):
+        pass
+    assert [span.name for span in exporter.get_finished_spans()] == ["made"]
