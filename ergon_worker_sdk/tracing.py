@@ -38,9 +38,11 @@ class Tracer:
     def __init__(self, name: str) -> None:
         self._tracer = None
         if _otel is not None:
-            # Loads a provider named by OTEL_PYTHON_TRACER_PROVIDER, if any, into the global.
-            _otel.get_tracer_provider()
-            self._tracer = _otel.get_tracer(name)
+            # This loads a provider named by OTEL_PYTHON_TRACER_PROVIDER, if any, into the
+            # global `_provider_set` reads. One that fails to load is logged by OpenTelemetry;
+            # spans then stay off rather than fail the SDK's import.
+            with contextlib.suppress(Exception):
+                self._tracer = _otel.get_tracer(name)
 
     def span(self, name: str, **attributes: Any) -> AbstractContextManager[object]:
         """A span around the block (exceptions are recorded on it)."""

@@ -1362,7 +1362,7 @@ async def _lock_batch(tx: _Tx, batch: Sequence[AnyCommand]) -> dict[str, set[str
     for command in batch:
         for child, waiting in command.child_links():
             links.setdefault(child, set()).add(waiting)
-    names = [name for name in _batch_flows(batch, links) if name not in tx.locked]
+    names = _batch_flows(batch, links)
     if not ending:
         await tx.lock(names)
         return {}

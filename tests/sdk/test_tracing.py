@@ -85,3 +85,12 @@ def test_without_opentelemetrys_global_its_public_check_decides(
     with tracing.Tracer("t").span("made"):
         pass
     assert [span.name for span in exporter.get_finished_spans()] == ["made"]
+
+
+def test_a_provider_that_fails_to_load_leaves_spans_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    monkeypatch.setenv("OTEL_PYTHON_TRACER_PROVIDER", "no-such-provider")
+    tracer = tracing.Tracer("t")  # OpenTelemetry logs the failure
+    with tracer.span("nowhere"):
+        pass
+    assert trace._TRACER_PROVIDER is None
