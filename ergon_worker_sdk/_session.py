@@ -173,6 +173,16 @@ class WorkerStream:
             worker_pb2.WorkerEvent(capacity_update=worker_pb2.CapacityUpdate(capacity=capacity))
         )
 
+    async def stop_assignments(self) -> None:
+        """Set the capacity to 0 and wait for the server's ack.
+
+        The server sends that ack after every assignment it sent before taking the change
+        in, and sends none after it.
+        """
+        self.capacity = 0
+        update = worker_pb2.CapacityUpdate(capacity=0)
+        await self.request(worker_pb2.WorkerEvent(capacity_update=update))
+
     @property
     def pending(self) -> int:
         """Events not yet acknowledged."""

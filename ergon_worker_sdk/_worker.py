@@ -57,6 +57,8 @@ class Worker:
         self._running: dict[str, _Running] = {}
         self._stream: WorkerStream | None = None
         self._stream_task: asyncio.Task[None] | None = None
+        # Shutting down: an assignment that still arrives is given back, not run.
+        self._draining = False
         self._tracer = Tracer("ergon_worker_sdk")
         self.flows_completed = 0
         self.flows_failed = 0
@@ -79,6 +81,7 @@ class Worker:
             raise RuntimeError("register at least one @flow_type before starting the worker")
         if self._stream is not None:
             raise RuntimeError("the worker is already started")
+        self._draining = False
         self._stream = WorkerStream(
             lambda: self.client.channel,
             self.worker_id,
@@ -118,7 +121,14 @@ class Worker:
                 running.context.resync()
 
     def on_assignment(self, assignment: worker_pb2.Assignment) -> None:
-        """Start running an assigned flow."""
+        """Start running an assigned flow (or, while shutting down, give it back)."""
+        if self._draining and self._stream is not None:
+            release = worker_pb2.Release(
+                flow_id=assignment.flow_id, lease_token=assignment.lease_token
+            )
+            given_back = self._stream.request_soon(worker_pb2.WorkerEvent(release=release))
+            given_back.add_done_callback(ignore_refusal)
+            return
         existing = self._running.get(assignment.flow_id)
         if existing is not None:
             if existing.lease_token == assignment.lease_token:
@@ -364,7 +374,13 @@ class Worker:
         stream, task = self._stream, self._stream_task
         if stream is None or task is None:
             return
-        stream.set_capacity(0)
+        self._draining = True
+        # Once the server has taken capacity 0 in, every assignment it sent before is here
+        # (its ack comes after them on the stream), so the flows running now are all there
+        # will be; one dispatched meanwhile is given back on arrival (`on_assignment`).
+        with contextlib.suppress(RpcError, TimeoutError):
+            async with asyncio.timeout(5):
+                await stream.stop_assignments()
         if self._running:
             tasks = [r.task for r in self._running.values()]
             _, late = await asyncio.wait(tasks, timeout=grace_s)

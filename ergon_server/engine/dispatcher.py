@@ -172,9 +172,9 @@ class Dispatcher:
     async def _hand_over(self, session: Session, flows: list[ClaimedFlow]) -> None:
         if not flows:
             return
-        if session.closed:
-            # The worker went away while we claimed: give the flows back at once rather than
-            # let them wait out the lease.
+        if session.closed or session.capacity == 0:
+            # The worker went away, or stopped taking flows (it is shutting down), while we
+            # claimed: give the flows back at once rather than let them wait out the lease.
             await self._store.release_flows(
                 [Lease(f.flow_id, f.lease_token) for f in flows], self._clock.now_ms()
             )

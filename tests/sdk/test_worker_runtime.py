@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import pytest
@@ -306,3 +307,47 @@ async def test_a_result_over_the_servers_payload_limit_fails_the_flow(
     assert outcome.error.reason == "PAYLOAD_TOO_LARGE", outcome.error
     assert RUNS == {"make": 1}
     assert [e.key for e in history] == ([] if step_size > 1_000 else ["make#1"])
+
+
+@dataclass
+@flow_type(type_id="Brief")
+class Brief:
+    n: int
+
+    @step
+    async def work(self) -> int:
+        await asyncio.sleep(0.005)
+        return self.n
+
+    @flow
+    async def run(self) -> int:
+        return await self.work()
+
+
+@pytest.mark.parametrize("db", [None, "memory://"], ids=["sqlite", "memory"])
+async def test_workers_shutting_down_under_load_leave_no_flow_leased(db: str | None) -> None:
+    # A lease outlives a minute here: a flow a shutdown left leased would stay RUNNING.
+    async with ErgonTestServer(db=db, lease_ttl_ms=60_000) as server, server.client() as client:
+
+        async def leased() -> list[str]:
+            return [f.flow_id async for f in client.list_flows(status=FlowStatus.RUNNING)]
+
+        ids: list[str] = []
+        for cycle in range(8):
+            # Flows keep ending and being dispatched while each worker stops taking them.
+            _, handle = await start(client, Brief, name=f"w{cycle}", capacity=8)
+            if not ids:  # the server takes a flow type once a worker has registered it
+                ids = await client.schedule_many([Brief(n) for n in range(600)])
+            await asyncio.sleep(0.1)
+            await handle.shutdown()
+            await eventually(
+                lambda: _none(leased()), within=3, what=f"no flow leased after shutdown {cycle}"
+            )
+        _, handle = await start(client, Brief, name="last", capacity=50)
+        outcomes = await asyncio.gather(*(client.wait(f, timeout=60) for f in ids))
+        assert [o.result for o in outcomes] == list(range(600))
+        await handle.shutdown()
+
+
+async def _none(items: Awaitable[list[str]]) -> bool:
+    return not await items
