@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -42,6 +43,32 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print("  ".join(str(row.get(k, "")).ljust(widths[k]) for k in keys))
 
 
+def add_peer_speedups(rows: list[dict[str, Any]]) -> None:
+    """Give each peer row `ergon_speedup`: how many times faster Ergon was in the same run.
+
+    Against Ergon's first row of the same workload (the store the command line chose):
+    throughput is Ergon's flows/s over the peer's, latency the peer's p50 over Ergon's; above
+    1 Ergon is faster. The issue's targets count this ratio, not the absolute figures.
+    """
+    ergon: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["system"] == "ergon":
+            ergon.setdefault(row["workload"], row)
+    for row in rows:
+        mine = ergon.get(row["workload"])
+        if row["system"] == "ergon" or mine is None:
+            continue
+        if row["workload"] == "throughput":
+            faster, slower = mine.get("flows_per_s"), row.get("flows_per_s")
+        elif row["workload"] == "latency":
+            faster, slower = row.get("p50_ms"), mine.get("p50_ms")
+        else:
+            continue
+        # A figure that is missing, zero or NaN (a failed run) gives no ratio.
+        if faster and slower and math.isfinite(faster / slower):
+            row["ergon_speedup"] = round(faster / slower, 2)
+
+
 async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     common = {"capacity": args.capacity, "synchronous": args.synchronous}
     rows: list[dict[str, Any]] = []
@@ -75,4 +102,5 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
             for name in compared:
                 progress(f"{name} on peer {peer.name}")
                 rows.append(await peer.run(name, flows or (1000 if name == "throughput" else 200)))
+        add_peer_speedups(rows)
     return rows

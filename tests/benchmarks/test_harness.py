@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from benchmarks.__main__ import cli
+from benchmarks.runner import add_peer_speedups
 
 
 @pytest.mark.parametrize(
@@ -37,3 +39,17 @@ async def test_workload_runs_at_a_tiny_size(argv: list[str], tmp_path: Path) -> 
         assert rows[0]["fired_early"] == 0
     if argv[0] == "backlog":
         assert "ratio_to_small_backlog" in rows[-1]
+
+
+def test_peer_rows_carry_ergons_speedup_over_them() -> None:
+    rows: list[dict[str, Any]] = [
+        {"workload": "throughput", "system": "ergon", "flows_per_s": 1200.0},
+        {"workload": "latency", "system": "ergon", "p50_ms": 8.0},
+        {"workload": "throughput", "system": "ergon", "store": "postgres", "flows_per_s": 1.0},
+        {"workload": "throughput", "system": "pyergon 0.8.1", "flows_per_s": 300.0},
+        {"workload": "latency", "system": "pyergon 0.8.1", "p50_ms": 10.0},
+        {"workload": "latency", "system": "other", "p50_ms": float("nan")},
+        {"workload": "timers", "system": "other"},
+    ]
+    add_peer_speedups(rows)
+    assert [row.get("ergon_speedup") for row in rows] == [None, None, None, 4.0, 1.25, None, None]
