@@ -180,6 +180,9 @@ class WorkerStream:
         in, and sends none after it.
         """
         self.capacity = 0
+        if not self.connected.is_set():
+            # No session to tell; the next one registers with capacity 0.
+            return
         update = worker_pb2.CapacityUpdate(capacity=0)
         await self.request(worker_pb2.WorkerEvent(capacity_update=update))
 

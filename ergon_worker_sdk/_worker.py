@@ -377,9 +377,10 @@ class Worker:
         self._draining = True
         # Once the server has taken capacity 0 in, every assignment it sent before is here
         # (its ack comes after them on the stream), so the flows running now are all there
-        # will be; one dispatched meanwhile is given back on arrival (`on_assignment`).
+        # will be. One that arrives later (a slow server) is given back on arrival
+        # (`on_assignment`) until the stream closes, which waits for that ack too.
         with contextlib.suppress(RpcError, TimeoutError):
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(2):
                 await stream.stop_assignments()
         if self._running:
             tasks = [r.task for r in self._running.values()]

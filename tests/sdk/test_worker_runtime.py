@@ -351,3 +351,13 @@ async def test_workers_shutting_down_under_load_leave_no_flow_leased(db: str | N
 
 async def _none(items: Awaitable[list[str]]) -> bool:
     return not await items
+
+
+async def test_a_worker_shuts_down_at_once_when_its_server_is_gone() -> None:
+    server = ErgonTestServer(db="memory://")
+    await server.start()
+    async with server.client() as client:
+        _, handle = await start(client, Brief, name="orphan")
+        await server.shutdown()
+        # Nobody is left to take capacity 0 in: the worker must not wait for an answer.
+        await asyncio.wait_for(handle.shutdown(), timeout=1.5)
