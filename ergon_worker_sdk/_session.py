@@ -173,18 +173,17 @@ class WorkerStream:
             worker_pb2.WorkerEvent(capacity_update=worker_pb2.CapacityUpdate(capacity=capacity))
         )
 
-    async def stop_assignments(self) -> None:
-        """Set the capacity to 0 and wait for the server's ack.
+    def stop_assignments(self) -> asyncio.Task[worker_pb2.Ack] | None:
+        """Set the capacity to 0; the task gives the server's ack (None: no session is open).
 
         The server sends that ack after every assignment it sent before taking the change
-        in, and sends none after it.
+        in, and sends none after it. A new session registers with capacity 0.
         """
         self.capacity = 0
         if not self.connected.is_set():
-            # No session to tell; the next one registers with capacity 0.
-            return
+            return None
         update = worker_pb2.CapacityUpdate(capacity=0)
-        await self.request(worker_pb2.WorkerEvent(capacity_update=update))
+        return self.request_soon(worker_pb2.WorkerEvent(capacity_update=update))
 
     @property
     def pending(self) -> int:

@@ -377,11 +377,12 @@ class Worker:
         self._draining = True
         # Once the server has taken capacity 0 in, every assignment it sent before is here
         # (its ack comes after them on the stream), so the flows running now are all there
-        # will be. One that arrives later (a slow server) is given back on arrival
-        # (`on_assignment`) until the stream closes, which waits for that ack too.
-        with contextlib.suppress(RpcError, TimeoutError):
-            async with asyncio.timeout(2):
-                await stream.stop_assignments()
+        # will be. One that arrives later (a server slower than this wait) is given back on
+        # arrival (`on_assignment`) until the stream closes, which waits for that ack too.
+        stopped = stream.stop_assignments()
+        if stopped is not None:
+            stopped.add_done_callback(ignore_refusal)
+            await asyncio.wait([stopped], timeout=2)
         if self._running:
             tasks = [r.task for r in self._running.values()]
             _, late = await asyncio.wait(tasks, timeout=grace_s)
