@@ -169,9 +169,7 @@ class WorkerStream:
     def set_capacity(self, capacity: int) -> None:
         """Change how many flows the server may give this worker (0: none)."""
         self.capacity = capacity
-        self.send(
-            worker_pb2.WorkerEvent(capacity_update=worker_pb2.CapacityUpdate(capacity=capacity))
-        )
+        self.send(_capacity_event(capacity))
 
     def stop_assignments(self) -> asyncio.Task[worker_pb2.Ack] | None:
         """Set the capacity to 0; the task gives the server's ack (None: no session is open).
@@ -182,8 +180,7 @@ class WorkerStream:
         self.capacity = 0
         if not self.connected.is_set():
             return None
-        update = worker_pb2.CapacityUpdate(capacity=0)
-        return self.request_soon(worker_pb2.WorkerEvent(capacity_update=update))
+        return self.request_soon(_capacity_event(0))
 
     @property
     def pending(self) -> int:
@@ -366,6 +363,10 @@ class WorkerStream:
                 await self._idle.wait()
         self._closing = True
         self._queue_ready.set()
+
+
+def _capacity_event(capacity: int) -> worker_pb2.WorkerEvent:
+    return worker_pb2.WorkerEvent(capacity_update=worker_pb2.CapacityUpdate(capacity=capacity))
 
 
 def _ended_lease(event: worker_pb2.WorkerEvent, ack: worker_pb2.Ack) -> tuple[str, int] | None:

@@ -122,12 +122,8 @@ class Worker:
 
     def on_assignment(self, assignment: worker_pb2.Assignment) -> None:
         """Start running an assigned flow (or, while shutting down, give it back)."""
-        if self._draining and self._stream is not None:
-            release = worker_pb2.Release(
-                flow_id=assignment.flow_id, lease_token=assignment.lease_token
-            )
-            given_back = self._stream.request_soon(worker_pb2.WorkerEvent(release=release))
-            given_back.add_done_callback(ignore_refusal)
+        if self._draining:
+            self._give_back(assignment.flow_id, assignment.lease_token)
             return
         existing = self._running.get(assignment.flow_id)
         if existing is not None:
@@ -222,8 +218,7 @@ class Worker:
         # renewed by this session's heartbeats forever. Released, it runs again elsewhere.
         if self._stream is None:
             return
-        release = worker_pb2.Release(flow_id=flow_id, lease_token=lease_token)
-        task = self._stream.request_soon(worker_pb2.WorkerEvent(release=release))
+        task = self._stream.request_soon(_release_event(flow_id, lease_token))
         # A refused give-back (the lease moved on meanwhile) is what we wanted anyway.
         task.add_done_callback(ignore_refusal)
 
@@ -390,16 +385,22 @@ class Worker:
                 log.info("%d flows still running after the grace period; releasing them", len(late))
             for flow_id, running in list(self._running.items()):
                 self._drop(flow_id)
-                release = worker_pb2.Release(flow_id=flow_id, lease_token=running.lease_token)
                 with contextlib.suppress(RpcError):
                     async with asyncio.timeout(5):
-                        await stream.request(worker_pb2.WorkerEvent(release=release))
+                        await stream.request(_release_event(flow_id, running.lease_token))
         await stream.close()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         self._stream = None
         self._stream_task = None
+
+
+def _release_event(flow_id: str, lease_token: int) -> worker_pb2.WorkerEvent:
+    """The event giving a flow's lease back to the server."""
+    return worker_pb2.WorkerEvent(
+        release=worker_pb2.Release(flow_id=flow_id, lease_token=lease_token)
+    )
 
 
 class WorkerHandle:
