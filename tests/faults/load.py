@@ -41,9 +41,7 @@ class FaultPoint:
 
     @property
     def unfinished(self) -> int:
-        return sum(
-            1 for row in self.snap.flows.values() if row["status"] not in ("COMPLETED", "FAILED")
-        )
+        return self.snap.unfinished
 
     @property
     def in_flight_steps(self) -> set[tuple[str, str]]:

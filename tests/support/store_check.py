@@ -28,10 +28,14 @@ class Snapshot:
     recorded: set[tuple[str, str]] = field(default_factory=set)  # (flow_id, key) COMPLETED
 
     @property
+    def unfinished(self) -> int:
+        """Flows not yet COMPLETED or FAILED."""
+        return sum(1 for row in self.flows.values() if row["status"] not in ("COMPLETED", "FAILED"))
+
+    @property
     def progress(self) -> int:
         """Entries recorded plus flows ended: it only grows while work goes on."""
-        ended = sum(1 for row in self.flows.values() if row["status"] in ("COMPLETED", "FAILED"))
-        return len(self.recorded) + ended
+        return len(self.recorded) + len(self.flows) - self.unfinished
 
     @property
     def completed_steps(self) -> set[tuple[str, str]]:
