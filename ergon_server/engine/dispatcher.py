@@ -131,6 +131,7 @@ class Dispatcher:
             if s.free > 0 and (s.last_heard_ms is None or s.last_heard_ms >= silent_before)
         ]
         starved: list[Session] = []
+        handed_over = 0
         # Until this pass knows better (and if it fails), every session may want a pass.
         self._starved = set()
         while eligible:
@@ -151,6 +152,7 @@ class Dispatcher:
                     failure = flows
                     continue
                 await self._hand_over(session, flows)
+                handed_over += len(flows)
                 if len(flows) < ask:
                     starved.append(session)
                 elif session.free > 0:
@@ -162,6 +164,10 @@ class Dispatcher:
         self._starved = {s.session_id for s in starved}
         if not starved:
             return self._config.dispatch_poll_interval_ms
+        if handed_over:
+            # The store's read may run on this thread without yielding: let the streams
+            # write the assignments first, as they are what a worker waits for.
+            await asyncio.sleep(0)
         types = sorted({t for s in starved for t in s.flow_types})
         next_ready = await self._store.next_ready_at(types)
         poll = self._config.dispatch_poll_interval_ms

@@ -842,6 +842,9 @@ class FinishFlows(SimCommand[tuple[list[WriteOutcome], list[Satisfied]]]):
 
     __slots__ = ("finishes", "now_ms")
     mergeable = True
+    # A flow's end reaches the clients waiting on it (RunFlow, WaitFlow) before the batch's
+    # other callers (the acks of step records) take the loop.
+    urgent = True
 
     def __init__(
         self,

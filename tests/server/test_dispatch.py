@@ -12,8 +12,23 @@ import pytest
 
 from ergon_server.clock import SystemClock
 from ergon_server.engine import Engine, EngineConfig
-from ergon_server.engine.sessions import AckOut, AssignmentOut, FlowFinishIn, Session
-from ergon_server.model import ClaimedFlow, FlowFinish, FlowStatus, NewFlow
+from ergon_server.engine.sessions import (
+    AckOut,
+    AssignmentOut,
+    FlowFinishIn,
+    ServerEventOut,
+    Session,
+    StepResultIn,
+)
+from ergon_server.model import (
+    ClaimedFlow,
+    EntryKind,
+    EntryStatus,
+    FlowFinish,
+    FlowStatus,
+    NewFlow,
+    StepRecord,
+)
 from ergon_server.storage import create_store
 from ergon_server.storage.base import Store
 from tests.support.postgres import temporary_database_sync
@@ -110,3 +125,68 @@ async def test_a_flow_goes_to_its_worker_before_its_scheduler_hears_back(
     # flow's critical path, the scheduler is not.
     await engine.schedule_flows([NewFlow("f1", "T", b"{}")])
     assert "f1" in session.held
+
+
+async def test_an_assignment_leaves_before_the_dispatchers_next_read(
+    engine: Engine, store: Store
+) -> None:
+    # Room for 8: a pass asks for 2 flows at a time, so finding 1 ends it.
+    session, _ = await engine.open_session("w", ["T"], 8, 1, [])
+    await asyncio.sleep(0.2)  # the session's first pass
+    taken: list[ServerEventOut] = []
+
+    async def stream() -> None:
+        while batch := await session.next_batch():
+            taken.extend(batch)
+
+    writer = asyncio.create_task(stream())
+    seen_by_read: list[int] = []
+    read = asyncio.Event()
+    next_ready_at = store.next_ready_at
+
+    async def spied(flow_types: Any) -> int | None:
+        seen_by_read.append(len(taken))
+        read.set()
+        return await next_ready_at(flow_types)
+
+    store.next_ready_at = spied  # type: ignore[method-assign]
+    try:
+        # The worker has room for more than there is: the pass ends by asking the store when
+        # the next flow is due, a read the stream's write should not wait behind.
+        await engine.schedule_flows([NewFlow("f1", "T", b"{}")])
+        async with asyncio.timeout(5):
+            await read.wait()
+        assert seen_by_read[0] == 1, "the assignment was still queued when the read began"
+    finally:
+        session.close()
+        await writer
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"], indirect=True)
+async def test_a_flows_end_reaches_its_waiters_before_the_acks_committed_with_it(
+    engine: Engine, store: Store
+) -> None:
+    session, _ = await engine.open_session("w", ["T"], 4, 1, [])
+    await engine.schedule_flows([NewFlow("f1", "T", b"{}")])
+    (flow,) = await assigned(session)
+    order: list[str] = []
+    send, notify = session.send, engine._notify
+
+    def sent(event: ServerEventOut) -> None:
+        order.append(f"ack {event.seq}" if isinstance(event, AckOut) else type(event).__name__)
+        send(event)
+
+    def notified(flow_id: str) -> None:
+        order.append(f"end of {flow_id}")
+        notify(flow_id)
+
+    session.send = sent  # type: ignore[method-assign]
+    engine._notify = notified  # type: ignore[method-assign]
+    # The worker's last step and the flow's end, in one message and so one group commit.
+    step = StepRecord(
+        flow.flow_id, flow.lease_token, "last", EntryKind.STEP, "h", 1, EntryStatus.COMPLETED, b"1"
+    )
+    finish = FlowFinish(flow.flow_id, flow.lease_token, FlowStatus.COMPLETED, result=b"{}")
+    await engine.handle_worker_events(session, [StepResultIn(1, step), FlowFinishIn(2, finish)])
+    # A client waiting on the flow is on the latency's critical path; the worker's acks are not.
+    assert order == ["end of f1", "ack 2", "ack 1"]
