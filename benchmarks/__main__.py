@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from ergon_server.grpc_io import prefer_iomgr
@@ -58,18 +59,26 @@ def cli(argv: list[str] | None = None) -> int:
     """Run the command line's workloads; the exit status."""
     # Imported here, not above: `__main__` chooses gRPC's I/O before anything imports grpc.
     from benchmarks import peers
-    from benchmarks.harness import machine_facts
+    from benchmarks.calibrate import calibrate, describe
+    from benchmarks.harness import machine_facts, progress
     from benchmarks.runner import main, print_table
 
     args = parse(sys.argv[1:] if argv is None else argv)
     if args.workload == "install-peers":
         return peers.install()
+    # Where the run's databases live (the default temporary directory).
+    scratch = Path(tempfile.gettempdir())
+    progress("calibrating: how fast is the machine now")
+    before = asyncio.run(calibrate(scratch))
     rows = asyncio.run(main(args))
+    after = asyncio.run(calibrate(scratch))
     print_table(rows)
+    print(describe(before, after))
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     path = args.json or RESULTS / f"{stamp}-{args.workload}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": machine_facts(), "results": rows}, indent=2))
+    machine = {**machine_facts(), "calibration": {"before": before, "after": after}}
+    path.write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
     print(f"results written to {path}")
     return 0
 

@@ -33,6 +33,15 @@ async def test_workload_runs_at_a_tiny_size(argv: list[str], tmp_path: Path) -> 
     assert code == 0
     document = json.loads(out.read_text())
     assert document["machine"]["cores"] and document["machine"]["python"] == sys.version.split()[0]
+    calibration = document["machine"]["calibration"]
+    for moment in ("before", "after"):
+        assert set(calibration[moment]) == {
+            "commit_ms",
+            "grpc_stream_rtt_ms",
+            "grpc_unary_rtt_ms",
+            "python_us",
+        }
+        assert all(value > 0 for value in calibration[moment].values())
     rows = document["results"]
     assert rows and all(row["system"] == "ergon" for row in rows)
     if argv[0] == "timers":
