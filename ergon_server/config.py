@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from ergon_server.auth import Tokens
 from ergon_server.engine.config import EngineConfig
 from ergon_server.errors import InvalidArgumentError
+
+_T = TypeVar("_T")
+_N = TypeVar("_N", int, float)
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DB = "sqlite:///ergon.db"
@@ -61,8 +65,63 @@ class ServerConfig:
             raise InvalidArgumentError("--tls-client-ca (mutual TLS) needs --tls-cert/--tls-key")
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
 def _env(environ: Mapping[str, str], name: str, default: str) -> str:
     return environ.get(f"ERGON_{name}", default)
+
+
+def _choice(*allowed: str, upper: bool = True) -> Callable[[str], str]:
+    """A converter to one of `allowed`, in any case; argparse reports what it raises."""
+
+    def convert(value: str) -> str:
+        normal = value.upper() if upper else value.lower()
+        if normal not in allowed:
+            raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(allowed)}")
+        return normal
+
+    return convert
+
+
+def _number(kind: Callable[[str], _N], what: str) -> Callable[[str], _N]:
+    def convert(value: str) -> _N:
+        try:
+            return kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what}") from None
+
+    return convert
+
+
+def _switch(value: str) -> bool:
+    if value.strip().lower() in _TRUE:
+        return True
+    if value.strip().lower() in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(
+        f"{value!r} is neither on ({', '.join(_TRUE)}) nor off ({', '.join(_FALSE[:-1])})"
+    )
+
+
+class _Environment:
+    """The `ERGON_*` variables as flag defaults, checked as strictly as the flags themselves."""
+
+    def __init__(self, parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+        self._parser = parser
+        self._environ = environ
+
+    def get(self, name: str, convert: Callable[[str], _T], default: _T) -> _T:
+        """`ERGON_<name>` converted, or `default` when unset; a bad value stops with usage."""
+        raw = self._environ.get(f"ERGON_{name}")
+        if raw is None:
+            return default
+        try:
+            return convert(raw)
+        except argparse.ArgumentTypeError as error:
+            self._parser.error(f"ERGON_{name}: {error}")
 
 
 def parse_args(
@@ -79,6 +138,12 @@ def parse_args(
         "its iomgr socket layer (faster here than its EventEngine; set it empty for gRPC's "
         "defaults).",
     )
+    variables = _Environment(parser, env)
+    seconds = _number(float, "a number of seconds")
+    count = _number(int, "a whole number")
+    synchronous = _choice("FULL", "NORMAL")
+    log_level = _choice(*LOG_LEVELS)
+    log_format = _choice("auto", "json", "text", upper=False)
     parser.add_argument(
         "--listen", default=_env(env, "LISTEN", DEFAULT_LISTEN), help="host:port to serve on"
     )
@@ -89,54 +154,57 @@ def parse_args(
     )
     parser.add_argument(
         "--sqlite-synchronous",
-        choices=["FULL", "NORMAL"],
-        default=_env(env, "SQLITE_SYNCHRONOUS", "FULL"),
+        type=synchronous,
+        default=variables.get("SQLITE_SYNCHRONOUS", synchronous, "FULL"),
         help="SQLite durability: FULL survives power loss, NORMAL only process crashes",
     )
     parser.add_argument(
         "--lease-ttl",
-        type=float,
-        default=float(_env(env, "LEASE_TTL", str(defaults.lease_ttl_ms / 1000))),
+        type=seconds,
+        default=variables.get("LEASE_TTL", seconds, defaults.lease_ttl_ms / 1000),
         help="seconds a worker's leases outlive its last heartbeat",
     )
     parser.add_argument(
         "--heartbeat-interval",
-        type=float,
-        default=float(_env(env, "HEARTBEAT_INTERVAL", str(defaults.heartbeat_interval_ms / 1000))),
+        type=seconds,
+        default=variables.get("HEARTBEAT_INTERVAL", seconds, defaults.heartbeat_interval_ms / 1000),
         help="seconds between worker heartbeats (at most half the lease TTL)",
     )
     parser.add_argument(
         "--max-payload-bytes",
-        type=int,
-        default=int(_env(env, "MAX_PAYLOAD_BYTES", str(defaults.max_payload_bytes))),
+        type=count,
+        default=variables.get("MAX_PAYLOAD_BYTES", count, defaults.max_payload_bytes),
         help="largest input, result or signal payload accepted",
     )
     parser.add_argument(
         "--max-message-bytes",
-        type=int,
-        default=int(_env(env, "MAX_MESSAGE_BYTES", str(16 * 1024 * 1024))),
+        type=count,
+        default=variables.get("MAX_MESSAGE_BYTES", count, 16 * 1024 * 1024),
         help="largest gRPC message accepted or sent (keep it above --max-payload-bytes)",
     )
     parser.add_argument(
         "--max-page-size",
-        type=int,
-        default=int(_env(env, "MAX_PAGE_SIZE", str(defaults.max_page_size))),
+        type=count,
+        default=variables.get("MAX_PAGE_SIZE", count, defaults.max_page_size),
         help="most flows or journal entries in one page of a listing",
     )
     parser.add_argument(
         "--max-streams-per-client",
-        type=int,
-        default=int(_env(env, "MAX_STREAMS_PER_CLIENT", str(defaults.max_streams_per_client))),
+        type=count,
+        default=variables.get("MAX_STREAMS_PER_CLIENT", count, defaults.max_streams_per_client),
         help="most worker streams one client (token, or connection) may hold open",
     )
     parser.add_argument(
         "--allow-unregistered-flow-types",
         action="store_true",
-        default=_env(env, "ALLOW_UNREGISTERED_FLOW_TYPES", "") in ("1", "true", "yes"),
+        default=variables.get("ALLOW_UNREGISTERED_FLOW_TYPES", _switch, False),
         help="accept flows of types no worker has registered yet",
     )
     parser.add_argument(
-        "--log-level", default=_env(env, "LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING"
+        "--log-level",
+        type=log_level,
+        default=variables.get("LOG_LEVEL", log_level, "INFO"),
+        help=", ".join(LOG_LEVELS),
     )
     parser.add_argument(
         "--metrics-listen",
@@ -145,8 +213,8 @@ def parse_args(
     )
     parser.add_argument(
         "--log-format",
-        choices=["auto", "json", "text"],
-        default=_env(env, "LOG_FORMAT", "auto"),
+        type=log_format,
+        default=variables.get("LOG_FORMAT", log_format, "auto"),
         help="json lines, or text; auto: JSON unless stderr is a terminal",
     )
     for name, what in (
@@ -184,7 +252,7 @@ def parse_args(
             listen=args.listen,
             db=args.db,
             sqlite_synchronous=args.sqlite_synchronous,
-            log_level=args.log_level.upper(),
+            log_level=args.log_level,
             log_format=args.log_format,
             max_message_bytes=args.max_message_bytes,
             metrics_listen=args.metrics_listen,

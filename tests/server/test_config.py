@@ -41,6 +41,53 @@ def test_inconsistent_settings_are_refused_at_start(argv: list[str]) -> None:
         parse_args(argv, environ={})
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("ERGON_LEASE_TTL", "abc", "'abc' is not a number of seconds"),
+        ("ERGON_MAX_PAGE_SIZE", "lots", "'lots' is not a whole number"),
+        ("ERGON_SQLITE_SYNCHRONOUS", "fast", "'fast' is not one of FULL, NORMAL"),
+        ("ERGON_LOG_LEVEL", "LOUD", "'LOUD' is not one of DEBUG, INFO"),
+        ("ERGON_LOG_FORMAT", "xml", "'xml' is not one of auto, json, text"),
+        ("ERGON_ALLOW_UNREGISTERED_FLOW_TYPES", "maybe", "'maybe' is neither on"),
+    ],
+)
+def test_a_bad_variable_is_refused_by_name_like_a_bad_flag(
+    variable: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Never a traceback, never a silent fallback (a mistyped durability setting must not
+    # quietly give a weaker one).
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([], environ={variable: value})
+    assert exit_info.value.code == 2
+    assert f"{variable}: {message}" in capsys.readouterr().err
+
+
+def test_variables_and_flags_take_any_case_and_the_usual_switch_words() -> None:
+    config = parse_args(
+        [],
+        environ={
+            "ERGON_SQLITE_SYNCHRONOUS": "normal",
+            "ERGON_LOG_LEVEL": "debug",
+            "ERGON_LOG_FORMAT": "JSON",
+            "ERGON_ALLOW_UNREGISTERED_FLOW_TYPES": "True",
+        },
+    )
+    assert (config.sqlite_synchronous, config.log_level, config.log_format) == (
+        "NORMAL",
+        "DEBUG",
+        "json",
+    )
+    assert config.engine.allow_unregistered_flow_types
+    for off in ("0", "false", "No", "OFF", ""):
+        config = parse_args([], environ={"ERGON_ALLOW_UNREGISTERED_FLOW_TYPES": off})
+        assert not config.engine.allow_unregistered_flow_types
+    config = parse_args(["--log-level", "warning", "--sqlite-synchronous", "Full"], environ={})
+    assert (config.log_level, config.sqlite_synchronous) == ("WARNING", "FULL")
+    with pytest.raises(SystemExit):
+        parse_args(["--log-level", "loud"], environ={})
+
+
 async def test_list_pages_are_capped_by_max_page_size() -> None:
     import grpc
 
