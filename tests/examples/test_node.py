@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
+import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from ergon_worker_sdk import Client, FlowStatus, Worker, await_external_signal, flow, flow_type
+from ergon_worker_sdk import Client, FlowStatus
 from ergon_worker_sdk.testing import ErgonTestServer
 from tests.support.processes import ROOT
 
 NODE_DIR = ROOT / "examples" / "node"
-
-
-@dataclass
-@flow_type(type_id="PyApproval")
-class PyApproval:
-    item: str
-
-    @flow
-    async def run(self) -> str:
-        approval = await await_external_signal("approved")
-        return f"{self.item} approved by {approval['by']} (run in Python)"
 
 
 async def run(*command: str, cwd: Path, within: float = 180) -> str:
@@ -52,11 +42,26 @@ def node_modules() -> Path:
 @pytest.fixture
 async def python_side() -> AsyncIterator[tuple[ErgonTestServer, Client]]:
     async with ErgonTestServer() as server, server.client() as client:
-        worker = Worker(client, "python-worker")
-        await worker.register(PyApproval)
-        handle = await worker.start()
-        yield server, client
-        await handle.shutdown()
+        # The Python worker the README tells people to start beside the demo.
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(NODE_DIR / "py_worker.py"),
+            "--address",
+            server.address,
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert worker.stdout is not None
+        try:
+            async with asyncio.timeout(60):
+                line = await worker.stdout.readline()
+            assert line.strip() == b"python worker ready", line
+            yield server, client
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(30):
+                code = await worker.wait()
+        assert code == 0
 
 
 async def test_node_schedules_and_signals_a_python_flow_and_runs_its_own(
