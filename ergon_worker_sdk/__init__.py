@@ -10,6 +10,7 @@ from ergon_worker_sdk._client import (
     FlowStatus,
     JournalEntry,
     Scheduler,
+    TlsConfig,
 )
 from ergon_worker_sdk._context import FlowContext, current_context
 from ergon_worker_sdk._definitions import RetryPolicy, flow, flow_type, step
@@ -68,6 +69,7 @@ __all__ = [
     "Scheduler",
     "ServerUnavailableError",
     "StepFailedError",
+    "TlsConfig",
     "UnknownFlowTypeError",
     "Worker",
     "WorkerHandle",

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import datetime
 import enum
+import ipaddress
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -109,13 +110,46 @@ class WorkerInfo:
 
 
 def channel_target(address: str | Sequence[str]) -> tuple[str, list[tuple[str, Any]]]:
-    """A gRPC target (and options) for one address or several, round-robin."""
+    """A gRPC target (and options) for one address or several, round-robin.
+
+    One address is any gRPC target (`host:port`, `dns:///name:port`, ...). Several are spread
+    over round-robin, which gRPC does for IP literals only (`10.0.0.5:50051`, or
+    `[fd00::5]:50051`), all of one family.
+
+    Raises:
+        ValueError: several addresses, not all IP literals of one family with a port.
+    """
     if isinstance(address, str):
         return address, []
     addresses: list[str] = list(address)
+    if not addresses:
+        raise ValueError("no server address given")
     if len(addresses) == 1:
         return addresses[0], []
-    return "ipv4:" + ",".join(addresses), [("grpc.lb_policy_name", "round_robin")]
+    families = {_ip_family(a) for a in addresses}
+    if None in families or len(families) > 1:
+        raise ValueError(
+            f"several server addresses must be IP literals of one family with a port "
+            f"(10.0.0.5:50051, [fd00::5]:50051), not {', '.join(map(repr, addresses))}: "
+            "for host names, give one name that resolves to every replica, or a load balancer"
+        )
+    (family,) = families
+    return f"{family}:" + ",".join(addresses), [("grpc.lb_policy_name", "round_robin")]
+
+
+def _ip_family(address: str) -> str | None:
+    """`ipv4` or `ipv6` for an IP literal with a port, else None."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit():
+        return None
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        return None
+    if ip.version == 6:
+        return "ipv6" if bracketed else None
+    return "ipv4"
 
 
 @dataclass(frozen=True)
@@ -174,14 +208,15 @@ class Client:
     """A connection to an Ergon server, for scheduling, reading, waiting, signalling, cancelling.
 
     Use as `async with Client("127.0.0.1:50051") as client:`. Several addresses (server
-    replicas) are used round-robin. Calls that fail with UNAVAILABLE are retried with backoff
-    for up to `retry_timeout_s` (scheduling is idempotent through a request id). `token` is
-    sent as a bearer token with every call; `tls` (a `TlsConfig`, or True for the system's
-    roots) switches to an encrypted channel. While calls are open (a worker's stream, a long
-    `wait`), the channel pings the server every `keepalive_s` seconds and gives the connection
-    up if a ping goes unanswered for min(keepalive_s, 10) s, so a dead route (no reset, no
-    reply) fails the calls as UNAVAILABLE, which are retried, instead of hanging; None turns
-    that off. The server refuses pings more often than every 5 s.
+    replicas, as IP literals: see `channel_target`) are used round-robin. Calls that fail
+    with UNAVAILABLE are retried with backoff for up to `retry_timeout_s` (scheduling is
+    idempotent through a request id). `token` is sent as a bearer token with every call;
+    `tls` (a `TlsConfig`, or True for the system's roots) switches to an encrypted channel.
+    While calls are open (a worker's stream, a long `wait`), the channel pings the server
+    every `keepalive_s` seconds and gives the connection up if a ping goes unanswered for
+    min(keepalive_s, 10) s, so a dead route (no reset, no reply) fails the calls as
+    UNAVAILABLE, which are retried, instead of hanging; None turns that off. The server
+    refuses pings more often than every 5 s.
     """
 
     def __init__(
@@ -202,6 +237,8 @@ class Client:
                 "pings), or None"
             )
         self.keepalive_s = keepalive_s
+        # Checked now rather than at the first call, which would only see it fail to resolve.
+        channel_target(address)
         self.address = address
         self.call_metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()

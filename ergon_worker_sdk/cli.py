@@ -26,7 +26,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ergon_worker_sdk._client import Client, FlowOutcome, FlowStatus, TlsConfig
+from ergon_worker_sdk._client import Client, FlowOutcome, FlowStatus, TlsConfig, channel_target
 from ergon_worker_sdk.errors import ErgonError, RpcError
 
 _COLOURS = {
@@ -249,13 +249,35 @@ async def workers(client: Client, out: Output, args: argparse.Namespace) -> None
     )
 
 
+def _addresses(text: str) -> list[str]:
+    """An argparse type: one address, or several IP:port (replicas) separated by commas."""
+    addresses = [a.strip() for a in text.split(",") if a.strip()]
+    try:
+        channel_target(addresses)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return addresses
+
+
+def _json_output(command: argparse.ArgumentParser) -> None:
+    # After the command too (`ergon flows list --json`); SUPPRESS keeps a --json given before it.
+    command.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON, for scripts"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line's grammar."""
     env = os.environ
     root = argparse.ArgumentParser(
         prog="ergon", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    root.add_argument("--address", default=env.get("ERGON_ADDRESS", "127.0.0.1:50051"))
+    root.add_argument(
+        "--address",
+        type=_addresses,
+        default=env.get("ERGON_ADDRESS", "127.0.0.1:50051"),
+        help="host:port, or several IP:port separated by commas (replicas, round-robin)",
+    )
     root.add_argument("--token", default=env.get("ERGON_TOKEN"), help="bearer token")
     root.add_argument("--tls", action="store_true", help="TLS with the system's roots")
     root.add_argument("--tls-ca", default=env.get("ERGON_TLS_CA"), help="PEM CA bundle")
@@ -269,9 +291,11 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("--status", action="append", choices=[s.name for s in FlowStatus])
     listing.add_argument("--type", help="only flows of this type")
     listing.add_argument("--limit", type=int, default=100)
+    _json_output(listing)
     listing.set_defaults(run=flows_list)
     show = flow_commands.add_parser("show", help="a flow and its journal")
     show.add_argument("flow_id")
+    _json_output(show)
     show.set_defaults(run=flows_show)
     scheduling = commands.add_parser("schedule", help="schedule a flow by type name")
     scheduling.add_argument("flow_type")
@@ -292,8 +316,10 @@ def parser() -> argparse.ArgumentParser:
     cancelling = commands.add_parser("cancel", help="cancel a flow")
     cancelling.add_argument("flow_id")
     cancelling.add_argument("--reason")
+    _json_output(cancelling)
     cancelling.set_defaults(run=cancel)
     listing_workers = commands.add_parser("workers", help="connected workers and their load")
+    _json_output(listing_workers)
     listing_workers.set_defaults(run=workers)
     return root
 
@@ -304,8 +330,7 @@ async def _run(args: argparse.Namespace) -> None:
         tls = TlsConfig.from_files(args.tls_ca, args.tls_cert, args.tls_key)
     elif args.tls:
         tls = True
-    addresses = args.address.split(",")
-    async with Client(addresses, token=args.token, tls=tls, retry_timeout_s=5) as client:
+    async with Client(args.address, token=args.token, tls=tls, retry_timeout_s=5) as client:
         await args.run(client, Output(args.json), args)
 
 

@@ -95,6 +95,19 @@ async def test_schedule_list_show_signal_and_workers(
     assert worker["worker_id"] == "cli-worker" and worker["capacity"] == 5
     code, out, _ = await ergon(server.address, "workers")
     assert "cli-worker" in out and "0/5" in out
+    # `--json` after the command works too, where it is not the command's own input.
+    code, out, _ = await ergon(server.address, "flows", "list", "--json")
+    assert code == 0 and [f["flow_id"] for f in json.loads(out)] == ["o1"]
+    code, out, _ = await ergon(server.address, "flows", "show", "o1", "--json")
+    assert code == 0 and json.loads(out)["flow_id"] == "o1"
+    code, out, _ = await ergon(server.address, "workers", "--json")
+    assert code == 0 and json.loads(out)[0]["worker_id"] == "cli-worker"
+
+
+async def test_several_addresses_must_be_ip_literals() -> None:
+    code, _, err = await ergon("server-a.internal:50051,server-b.internal:50051", "workers")
+    assert code == 2
+    assert "argument --address: several server addresses must be IP literals" in err
 
 
 async def test_cancel_and_errors(running: tuple[ErgonTestServer, Client]) -> None:

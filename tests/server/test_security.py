@@ -11,8 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from ergon_worker_sdk import Client, FlowStatus, Worker, flow, flow_type, step
-from ergon_worker_sdk._client import TlsConfig
+from ergon_worker_sdk import Client, FlowStatus, TlsConfig, Worker, flow, flow_type, step
 from ergon_worker_sdk.errors import (
     PermissionDeniedError,
     ServerUnavailableError,
