@@ -245,9 +245,12 @@ class Engine:
             except ErgonError as error:
                 log.warning("lease expiry scan failed: %s", error.message)
                 continue
-            for flow_id in expired:
+            for lease in expired:
+                flow_id = lease.flow_id
                 log.info("lease on flow %s expired; re-queued", flow_id, extra={"flow_id": flow_id})
-                self.dispatcher.revoke(flow_id, "LEASE_EXPIRED")
+                # Only that lease: a claim in the same group commit may already have handed
+                # the flow to another worker under a new token.
+                self.dispatcher.revoke(flow_id, "LEASE_EXPIRED", lease.lease_token)
             if expired:
                 self.dispatcher.wake()
 

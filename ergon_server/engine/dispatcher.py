@@ -97,12 +97,18 @@ class Dispatcher:
             return None
         return session
 
-    def revoke(self, flow_id: str, reason: str) -> None:
-        """Tell the session running a flow here to stop, and free its slot."""
+    def revoke(self, flow_id: str, reason: str, lease_token: int | None = None) -> None:
+        """Tell the session running a flow here to stop, and free its slot.
+
+        With `lease_token`, only a session holding that lease is told; None: whoever holds it.
+        """
         session = self._owners.get(flow_id)
         if session is None:
             return
-        lease_token = session.held.get(flow_id, 0)
+        held = session.held.get(flow_id, 0)
+        if lease_token is not None and held != lease_token:
+            return
+        lease_token = held
         self.forget(flow_id)
         session.send(RevokeOut(flow_id, lease_token, reason))
 

@@ -1353,7 +1353,7 @@ class CommandSet:
     ]
     renew_leases: Callable[[_Future[int], str, int], Command[int]]
     reattach_leases: Callable[[_Future[list[str]], str, list[Lease], int, int], Command[list[str]]]
-    expire_leases: Callable[[_Future[list[str]], int], Command[list[str]]]
+    expire_leases: Callable[[_Future[list[Lease]], int], Command[list[Lease]]]
     cancel_flow: Callable[
         [_Future[tuple[CancelOutcome, list[Satisfied]]], str, str, int],
         Command[tuple[CancelOutcome, list[Satisfied]]],
@@ -1604,8 +1604,8 @@ class BatchedStore:
         )
         return await self._submit(command)
 
-    async def expire_leases(self, now_ms: int) -> list[str]:
-        """Re-queue RUNNING flows whose lease expired before now_ms, in scheduling order."""
+    async def expire_leases(self, now_ms: int) -> list[Lease]:
+        """Re-queue RUNNING flows whose lease expired before now_ms; the leases, in order."""
         return await self._submit(self._commands.expire_leases(self._future(), now_ms))
 
     async def cancel_flow(

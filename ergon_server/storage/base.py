@@ -163,8 +163,11 @@ class Store(Protocol):
         """
         ...
 
-    async def expire_leases(self, now_ms: int) -> list[str]:
-        """Re-queue RUNNING flows whose lease expired before now_ms (PENDING, ready now)."""
+    async def expire_leases(self, now_ms: int) -> list[Lease]:
+        """Re-queue RUNNING flows whose lease expired before now_ms (PENDING, ready now).
+
+        Returns the leases that expired (flow id and the token they had), in scheduling order.
+        """
         ...
 
     async def cancel_flow(

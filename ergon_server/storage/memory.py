@@ -638,10 +638,10 @@ class MemoryStore:
             flow.updated_at = now_ms
         return moved
 
-    async def expire_leases(self, now_ms: int) -> list[str]:
+    async def expire_leases(self, now_ms: int) -> list[Lease]:
         """Re-queue RUNNING flows whose lease expired before now_ms, in scheduling order."""
         self._check_open()
-        expired: list[str] = []
+        expired: list[Lease] = []
         for flow in self._flows.values():
             if (
                 flow.status is FlowStatus.RUNNING
@@ -652,7 +652,7 @@ class MemoryStore:
                 flow.ready_at = now_ms
                 flow.updated_at = now_ms
                 flow.clear_lease()
-                expired.append(flow.flow_id)
+                expired.append(Lease(flow.flow_id, flow.lease_token))
         return expired
 
     async def cancel_flow(

@@ -1067,11 +1067,11 @@ class _RenewLeases(Command[int]):
             command.result = _row_count(status)
 
 
-class _ExpireLeases(Command[list[str]]):
+class _ExpireLeases(Command[list[Lease]]):
     __slots__ = ("now_ms",)
     barrier = True
 
-    def __init__(self, future: asyncio.Future[list[str]], now_ms: int) -> None:
+    def __init__(self, future: asyncio.Future[list[Lease]], now_ms: int) -> None:
         super().__init__(future)
         self.now_ms = now_ms
 
@@ -1088,12 +1088,13 @@ class _ExpireLeases(Command[list[str]]):
                 "AND lease_expires_at < $1 FOR UPDATE SKIP LOCKED) "
                 "UPDATE flows AS f SET status = 'PENDING', ready_at = $1, updated_at = $1, "
                 "lease_owner = NULL, lease_expires_at = NULL FROM due WHERE f.seq = due.seq "
-                "RETURNING f.seq, f.flow_id",
+                "RETURNING f.seq, f.flow_id, f.lease_token",
                 command.now_ms,
             )
-            command.result = [row[1] for row in sorted(rows, key=lambda row: row[0])]
+            ordered = sorted(rows, key=lambda row: row[0])
+            command.result = [Lease(row[1], row[2]) for row in ordered]
             if rows:
-                tx.locked.update(command.result)
+                tx.locked.update(row[1] for row in ordered)
                 tx.events.ready = True
 
 

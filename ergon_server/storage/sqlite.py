@@ -859,11 +859,11 @@ class _RenewLeases(Command[int]):
             command.result = cursor.rowcount
 
 
-class _ExpireLeases(Command[list[str]]):
+class _ExpireLeases(Command[list[Lease]]):
     __slots__ = ("now_ms",)
     barrier = True
 
-    def __init__(self, future: asyncio.Future[list[str]], now_ms: int) -> None:
+    def __init__(self, future: asyncio.Future[list[Lease]], now_ms: int) -> None:
         super().__init__(future)
         self.now_ms = now_ms
 
@@ -874,10 +874,11 @@ class _ExpireLeases(Command[list[str]]):
             rows = await conn.execute_fetchall(
                 "UPDATE flows INDEXED BY flows_lease_expiry SET status = 'PENDING', "
                 "ready_at = ?, updated_at = ?, lease_owner = NULL, lease_expires_at = NULL "
-                "WHERE status = 'RUNNING' AND lease_expires_at < ? RETURNING seq, flow_id",
+                "WHERE status = 'RUNNING' AND lease_expires_at < ? "
+                "RETURNING seq, flow_id, lease_token",
                 (command.now_ms, command.now_ms, command.now_ms),
             )
-            command.result = [row[1] for row in sorted(rows)]
+            command.result = [Lease(row[1], row[2]) for row in sorted(rows)]
 
 
 class _ReattachLeases(Command[list[str]]):

@@ -16,6 +16,7 @@ from ergon_server.engine.sessions import (
     AckOut,
     AssignmentOut,
     FlowFinishIn,
+    RevokeOut,
     ServerEventOut,
     Session,
     StepResultIn,
@@ -190,3 +191,19 @@ async def test_a_flows_end_reaches_its_waiters_before_the_acks_committed_with_it
     await engine.handle_worker_events(session, [StepResultIn(1, step), FlowFinishIn(2, finish)])
     # A client waiting on the flow is on the latency's critical path; the worker's acks are not.
     assert order == ["end of f1", "ack 2", "ack 1"]
+
+
+async def test_an_expired_lease_is_revoked_only_from_its_own_holder(
+    engine: Engine, store: Store
+) -> None:
+    session, _ = await engine.open_session("w", ["T"], 4, 1, [])
+    await engine.schedule_flows([NewFlow("f1", "T", b"{}")])
+    (flow,) = await assigned(session)
+    # An older lease on f1 expired, and a claim in the same group commit (it resolves first)
+    # has already given the flow to this session under a newer token: that lease stays.
+    engine.dispatcher.revoke("f1", "LEASE_EXPIRED", flow.lease_token - 1)
+    assert session.held == {"f1": flow.lease_token}
+    engine.dispatcher.revoke("f1", "LEASE_EXPIRED", flow.lease_token)
+    assert "f1" not in session.held
+    (revoke,) = await session.next_batch()
+    assert isinstance(revoke, RevokeOut) and revoke.lease_token == flow.lease_token

@@ -22,6 +22,7 @@ from ergon_server.model import (
     EntryKind,
     FlowFinish,
     FlowStatus,
+    Lease,
     NewFlow,
     ScheduleResult,
     SignalOutcome,
@@ -216,7 +217,7 @@ async def test_fencing_holds_across_replicas(
     (claimed,) = await first.claim_flows("s1", ["orders"], 1, T0 + TTL, T0)
     assert await first.record_steps([step(claimed, "a")], T0) == [OK]
     # The other replica re-queues the expired lease and a worker of its own claims the flow.
-    assert await second.expire_leases(T0 + TTL + 1) == ["f1"]
+    assert await second.expire_leases(T0 + TTL + 1) == [Lease("f1", claimed.lease_token)]
     (again,) = await second.claim_flows("s2", ["orders"], 1, T0 + 2 * TTL, T0 + TTL + 1)
     assert again.lease_token == claimed.lease_token + 1
     assert await first.record_steps([step(claimed, "b")], T0 + TTL + 2) == [LEASE_LOST]
