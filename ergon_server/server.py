@@ -88,7 +88,7 @@ class ErgonServer:
         servicers = (
             SchedulerServicer(self.engine),
             SignalServicer(self.engine),
-            WorkerServicer(self.engine),
+            WorkerServicer(self.engine, self.config.max_message_bytes),
         )
         server.add_generic_rpc_handlers(
             tuple(

@@ -35,6 +35,8 @@ log = logging.getLogger("ergon_worker_sdk.client")
 
 DEFAULT_MAX_PAYLOAD_BYTES = 2 * 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_SCHEDULE_BATCH_FLOWS = 1000
+_SCHEDULE_BATCH_BYTES = 4 * 1024 * 1024
 T = TypeVar("T")
 
 
@@ -414,19 +416,35 @@ class Client:
         return response.flow_id
 
     async def schedule_many(self, flows: Sequence[Any]) -> list[str]:
-        """Schedule many flows in batches of up to 1,000 per call; returns their ids in order."""
+        """Schedule many flows, up to 1,000 (and a few MiB) per call; their ids, in order."""
         ids: list[str] = []
-        for start in range(0, len(flows), 1000):
-            batch = scheduler_pb2.ScheduleFlowsRequest(
-                requests=[self.schedule_request(f) for f in flows[start : start + 1000]]
-            )
-            response = await self._call(self._scheduler.ScheduleFlows, batch)
-            for result in response.results:
-                if result.code:
-                    raise FlowAlreadyScheduledError(
-                        grpc.StatusCode.ALREADY_EXISTS, result.reason, result.message
-                    )
-                ids.append(result.flow_id)
+        # Well inside the message limit, so large inputs take several calls instead of one
+        # that gRPC refuses.
+        budget = min(_SCHEDULE_BATCH_BYTES, self.max_message_bytes // 2)
+        batch: list[scheduler_pb2.ScheduleFlowRequest] = []
+        size = 0
+        for flow in flows:
+            request = self.schedule_request(flow)
+            length = request.ByteSize()
+            if batch and (len(batch) == _SCHEDULE_BATCH_FLOWS or size + length > budget):
+                ids += await self._schedule_batch(batch)
+                batch, size = [], 0
+            batch.append(request)
+            size += length
+        if batch:
+            ids += await self._schedule_batch(batch)
+        return ids
+
+    async def _schedule_batch(self, requests: list[scheduler_pb2.ScheduleFlowRequest]) -> list[str]:
+        batch = scheduler_pb2.ScheduleFlowsRequest(requests=requests)
+        response = await self._call(self._scheduler.ScheduleFlows, batch)
+        ids = []
+        for result in response.results:
+            if result.code:
+                raise FlowAlreadyScheduledError(
+                    grpc.StatusCode.ALREADY_EXISTS, result.reason, result.message
+                )
+            ids.append(result.flow_id)
         return ids
 
     def outcome(self, info: common_pb2.FlowInfo, hint: Any = None) -> FlowOutcome:

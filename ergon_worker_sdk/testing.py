@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ class ErgonTestServer:
         tls_cert: serve TLS with this PEM certificate chain (and `tls_key`).
         tls_key: the PEM private key of `tls_cert`.
         tls_client_ca: require client certificates signed by this PEM CA (mutual TLS).
+        max_message_bytes: the largest gRPC message the server sends or takes (default 16 MiB).
         engine_options: `EngineConfig` fields to override (lease_ttl_ms, ...).
     """
 
@@ -46,9 +48,11 @@ class ErgonTestServer:
         tls_key: Path | None = None,
         tls_client_ca: Path | None = None,
         clock: Any = None,
+        max_message_bytes: int | None = None,
         **engine_options: Any,
     ) -> None:
         self._db = db
+        self._max_message_bytes = max_message_bytes
         self._clock = clock
         self._tokens = tokens
         self._tls = (tls_cert, tls_key, tls_client_ca)
@@ -78,6 +82,8 @@ class ErgonTestServer:
             tokens=Tokens.parse([self._tokens], "tokens") if self._tokens else None,
             engine=EngineConfig(**self._engine_options),
         )
+        if self._max_message_bytes is not None:
+            config = dataclasses.replace(config, max_message_bytes=self._max_message_bytes)
         self._server = ErgonServer(config, clock=self._clock)
         await self._server.start()
         self.address = self._server.address

@@ -50,12 +50,14 @@ from ergon_server.model import (
     CancelOutcome,
     ClaimedFlow,
     EntryKind,
+    Failure,
     FlowPage,
     FlowRecord,
     FlowStatus,
     JournalRecord,
     Lease,
     NewFlow,
+    Park,
     Satisfied,
     ScheduleOutcome,
     ScheduleResult,
@@ -849,6 +851,43 @@ class Engine:
                 )
                 self.dispatcher.forget(park.flow_id, park.lease_token)
             self._ack_fenced(session, event.seq, park.flow_id, park.lease_token, outcome)
+
+    async def park_undeliverable(self, flow: ClaimedFlow, length: int, limit: int) -> None:
+        """Park a claimed flow whose assignment is over the message limit, instead of sending it.
+
+        Sent, it would end the worker's stream, and come back after every reconnect. Parked,
+        it is held and retried with backoff (`ergon flows show` gives the reason), so a
+        server and workers with a larger limit run it.
+        """
+        failure = Failure(
+            type="MessageTooLarge",
+            message=(
+                f"the flow's assignment (its input and history) is {length} bytes, over the "
+                f"{limit}-byte message limit: raise --max-message-bytes on the server and "
+                "max_message_bytes on the workers' Client to run it"
+            ),
+            reason="ASSIGNMENT_TOO_LARGE",
+        )
+        park = Park(flow.flow_id, flow.lease_token, failure)
+        try:
+            (outcome,) = await self.store.park_flows(
+                [park],
+                self.clock.now_ms(),
+                self.config.park_initial_delay_ms,
+                self.config.park_max_delay_ms,
+            )
+        except ErgonError as error:
+            # Its lease expires as any unanswered one does, and the flow is claimed again.
+            log.error("could not park flow %s: %s", flow.flow_id, error.message)
+            outcome = WriteOutcome.LEASE_LOST
+        if outcome is WriteOutcome.OK:
+            log.error(
+                "flow %s parked: %s",
+                flow.flow_id,
+                failure.message,
+                extra={"flow_id": flow.flow_id, "reason": failure.reason},
+            )
+        self.dispatcher.forget(flow.flow_id, flow.lease_token)
 
     async def _release_flows(self, session: Session, events: list[ReleaseIn]) -> None:
         try:

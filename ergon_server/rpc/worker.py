@@ -103,11 +103,19 @@ def _check_delay(delay_ms: int, what: str, reason: str, now_ms: int) -> None:
         raise InvalidArgumentError(f"{what} of {delay_ms} ms ends after the year 9999", reason)
 
 
+# A stream message carries what is queued up to about this much; one event larger goes alone.
+OUTGOING_BATCH_BYTES = 4 * 1024 * 1024
+# Room for the message's own framing around its events.
+_FRAMING_BYTES = 4096
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     """Carries assignments to workers and their results back, in batches both ways."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, max_message_bytes: int) -> None:
         self._engine = engine
+        # gRPC would refuse to send a larger message and end the stream with it.
+        self._max_event_bytes = max_message_bytes - _FRAMING_BYTES
         # Open streams per client, so one client cannot exhaust the server.
         self._streams: dict[str, int] = {}
 
@@ -183,7 +191,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             reader = asyncio.create_task(self._read(session, requests))
             try:
                 while batch := await session.next_batch():
-                    yield worker_pb2.ConnectResponse(events=[_server_event(e) for e in batch])
+                    async for message in self._messages(session, batch):
+                        yield message
                 if reader.done() and (refusal := reader.result()) is not None:
                     raise refusal
             finally:
@@ -192,6 +201,53 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     await reader
         finally:
             self._engine.close_session(session)
+
+    async def _messages(
+        self, session: Session, batch: list[ServerEventOut]
+    ) -> AsyncIterator[worker_pb2.ConnectResponse]:
+        """The batch as messages of at most about OUTGOING_BATCH_BYTES each, in order."""
+        events: list[worker_pb2.ServerEvent] = []
+        size = 0
+        for event in batch:
+            proto = _server_event(event)
+            length = proto.ByteSize()
+            if length > self._max_event_bytes:
+                replacement = await self._undeliverable(session, event, length)
+                if replacement is None:
+                    continue
+                proto = _server_event(replacement)
+                length = proto.ByteSize()
+            if events and size + length > OUTGOING_BATCH_BYTES:
+                yield worker_pb2.ConnectResponse(events=events)
+                events, size = [], 0
+            events.append(proto)
+            size += length
+        if events:
+            yield worker_pb2.ConnectResponse(events=events)
+
+    async def _undeliverable(
+        self, session: Session, event: ServerEventOut, length: int
+    ) -> ServerEventOut | None:
+        """What to send instead of an event over the message limit (None: nothing).
+
+        Sending it would end the stream, and the same event would come back after the
+        reconnect: a flow too large to assign is parked instead (held and retried with
+        backoff, so a server with a larger limit runs it); an answer too large to send
+        refuses its event.
+        """
+        limit = self._max_event_bytes
+        if isinstance(event, AssignmentOut):
+            await self._engine.park_undeliverable(event.flow, length, limit)
+            return None
+        error = ResourceExhaustedError(
+            f"the server's answer is {length} bytes, over the {limit}-byte message limit "
+            "(--max-message-bytes)",
+            "MESSAGE_TOO_LARGE",
+        )
+        log.error("worker %s: %s", session.worker_id, error.message)
+        if isinstance(event, AckOut):
+            return AckOut.refusing(event.seq, error)
+        return None
 
     # --- worker-poll: unary calls on the same engine path ---
 
@@ -209,7 +265,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         )
         response = worker_pb2.PollTaskResponse(lease_ttl_ms=self._engine.config.lease_ttl_ms)
         if flow is not None:
-            response.assignment.CopyFrom(convert.assignment_to_proto(flow))
+            assignment = convert.assignment_to_proto(flow)
+            length = assignment.ByteSize()
+            if length > self._max_event_bytes:
+                await self._engine.park_undeliverable(flow, length, self._max_event_bytes)
+            else:
+                response.assignment.CopyFrom(assignment)
         return response
 
     @unary

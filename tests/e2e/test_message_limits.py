@@ -1,0 +1,138 @@
+"""Large inputs and histories against the gRPC message limit: split, or parked, never a loop.
+
+A stream message over the limit ends the stream, and whatever it carried would come back after
+the worker reconnects, to end the stream again: the server must never send one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ergon_worker_sdk import Client, FlowStatus, Worker, flow, flow_type, schedule_timer, step
+from ergon_worker_sdk.testing import ErgonTestServer
+from tests.support.processes import eventually
+
+MB = 1024 * 1024
+
+
+@dataclass
+@flow_type(type_id="BigInput")
+class BigInput:
+    blob: str
+
+    @step
+    async def measure(self) -> int:
+        return len(self.blob)
+
+    @flow
+    async def run(self) -> int:
+        return await self.measure()
+
+
+@dataclass
+@flow_type(type_id="BigHistory")
+class BigHistory:
+    steps: int
+    pause: float = 0.05
+
+    @step
+    async def produce(self, n: int) -> str:
+        return str(n) * (900 * 1024)
+
+    @flow
+    async def run(self) -> int:
+        total = 0
+        for n in range(self.steps):
+            total += len(await self.produce(n))
+        # A durable timer: the flow is assigned again later, with its whole history.
+        await schedule_timer(self.pause)
+        return total
+
+
+async def test_assignments_that_fill_several_messages_are_split_and_all_run() -> None:
+    async with (
+        ErgonTestServer(allow_unregistered_flow_types=True) as server,
+        server.client() as client,
+    ):
+        # Queued before the worker comes: its first claim takes them all (a pass asks for a
+        # quarter of the capacity), about 20 MiB of assignments, over the 16 MiB limit together.
+        ids = await client.schedule_many([BigInput("x" * MB) for _ in range(20)])
+        worker = Worker(client, "big-inputs", max_concurrency=100)
+        await worker.register(BigInput)
+        handle = await worker.start()
+        try:
+            for flow_id in ids:
+                outcome = await client.wait(flow_id, timeout=60)
+                assert (outcome.status, outcome.result) == (FlowStatus.COMPLETED, MB)
+        finally:
+            await handle.shutdown()
+
+
+async def test_a_flow_too_large_to_assign_is_parked_and_the_stream_carries_on() -> None:
+    async with (
+        ErgonTestServer(max_message_bytes=3 * MB, max_payload_bytes=MB) as server,
+        server.client() as client,
+    ):
+        worker = Worker(client, "big-history")
+        await worker.register(BigHistory, BigInput)
+        handle = await worker.start()
+        try:
+            # Four results of 0.9 MiB: assigned again after its timer, with 3.6 MiB of history.
+            flow_id = await client.schedule(BigHistory(4))
+
+            async def parked() -> bool:
+                record = await client.get(flow_id)
+                return record.error is not None and record.error.reason == "ASSIGNMENT_TOO_LARGE"
+
+            await eventually(parked, within=30, what="the oversized flow parked")
+            record = await client.get(flow_id)
+            assert record.status is FlowStatus.PENDING
+            assert "raise --max-message-bytes" in record.error.message
+            # The same worker's stream still works: a small flow runs through it.
+            small = await client.run(BigInput("ok"), timeout=30)
+            assert (small.status, small.result) == (FlowStatus.COMPLETED, 2)
+            # A flow under the limit with the same shape runs to its end.
+            fits = await client.run(BigHistory(2), timeout=30)
+            assert (fits.status, fits.result) == (FlowStatus.COMPLETED, 2 * 900 * 1024)
+        finally:
+            await handle.shutdown()
+
+
+async def test_poll_workers_get_no_oversized_assignment_either() -> None:
+    async with (
+        ErgonTestServer(max_message_bytes=3 * MB, max_payload_bytes=MB) as server,
+        server.client() as client,
+    ):
+        worker = Worker(client, "big-history")
+        await worker.register(BigHistory)
+        handle = await worker.start()
+        flow_id = await client.schedule(BigHistory(4, pause=2.0))
+        # Let the stream worker run it up to its timer, then leave the rest to a poller.
+        await eventually(
+            lambda: _status(client, flow_id, FlowStatus.WAITING), what="the flow waits"
+        )
+        await handle.shutdown()
+        await _poll_until_parked(client, flow_id)
+
+
+async def _status(client: Client, flow_id: str, status: FlowStatus) -> bool:
+    return (await client.get(flow_id)).status is status
+
+
+async def _poll_until_parked(client: Client, flow_id: str) -> None:
+    from ergon_worker_sdk.proto.ergon.v1 import worker_pb2, worker_pb2_grpc
+
+    stub = worker_pb2_grpc.WorkerServiceStub(client.channel)
+
+    async def parked() -> bool:
+        response = await stub.PollTask(
+            worker_pb2.PollTaskRequest(
+                worker_id="poller", flow_types=["BigHistory"], protocol_version=1, timeout_ms=500
+            )
+        )
+        # Never the assignment itself: it would not fit in the response.
+        assert not response.HasField("assignment")
+        record = await client.get(flow_id)
+        return record.error is not None and record.error.reason == "ASSIGNMENT_TOO_LARGE"
+
+    await eventually(parked, within=30, what="the poller's oversized flow parked")
