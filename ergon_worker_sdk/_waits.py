@@ -7,7 +7,12 @@ from typing import Any, Generic, TypeVar
 
 from ergon_worker_sdk._context import FlowContext, current_context
 from ergon_worker_sdk._definitions import StepDefinition, flow_type_definition
-from ergon_worker_sdk.errors import DagExecutionError
+from ergon_worker_sdk.errors import (
+    DagExecutionError,
+    FlowCancelledError,
+    HistoryMismatchError,
+    LeaseLostError,
+)
 from ergon_worker_sdk.proto.ergon.v1 import worker_pb2
 
 R = TypeVar("R")
@@ -131,6 +136,10 @@ async def dag(flow: Any, final_step: str | None = None) -> Any:
             calls.append(getattr(flow, _method_name(flow, steps[name]))(**kwargs))
         try:
             values = await asyncio.gather(*calls)
+        except (HistoryMismatchError, FlowCancelledError, LeaseLostError):
+            # The runtime's own signals, not a step's failure: the worker parks, cancels or
+            # drops the flow on them, which it could not do through a DagExecutionError.
+            raise
         except Exception as error:
             raise DagExecutionError(f"a step of {level} failed: {error}") from error
         results.update(zip(level, values, strict=True))

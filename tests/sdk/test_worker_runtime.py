@@ -14,6 +14,7 @@ from ergon_worker_sdk import (
     NonRetryableError,
     RetryPolicy,
     StepFailedError,
+    dag,
     flow,
     flow_type,
     step,
@@ -112,6 +113,63 @@ async def test_changed_step_arguments_park_the_flow_without_running_the_step(
     assert (await client.get(flow_id)).status is FlowStatus.PENDING
     assert RUNS["reserve"] == 1
     assert [e.key for e in await client.history(flow_id)] == ["reserve#1"]
+
+
+@dataclass
+@flow_type(type_id="DagPausing")
+class DagPausing:
+    amount: int
+
+    @step
+    async def reserve(self) -> int:
+        ran("dag_reserve")
+        return self.amount
+
+    @step(inputs={"reserved": "reserve"})
+    async def wait_here(self, reserved: int) -> str:
+        await GATE.setdefault("go", asyncio.Event()).wait()
+        return f"{reserved}:passed"
+
+    @flow
+    async def run(self) -> str:
+        return str(await dag(self))
+
+
+@dataclass
+@flow_type(type_id="DagPausing")
+class DagPausingChanged:
+    amount: int
+
+    @step
+    async def base(self) -> int:
+        return 1
+
+    @step(inputs={"bonus": "base"})
+    async def reserve(self, bonus: int) -> int:  # new code: other arguments
+        ran("dag_reserve")
+        return self.amount + bonus
+
+    @flow
+    async def run(self) -> str:
+        return str(await dag(self))
+
+
+async def test_a_history_mismatch_inside_a_dag_parks_the_flow_too(client: Client) -> None:
+    _, first = await start(client, DagPausing, name="old-code")
+    flow_id = await client.schedule(DagPausing(1))
+    await eventually(lambda: RUNS.get("dag_reserve") == 1, what="the dag reached its gate")
+    await first.shutdown(grace=0)
+    _, second = await start(client, DagPausingChanged, name="new-code")
+
+    async def parked() -> bool:
+        flow = await client.get(flow_id)
+        return flow.error is not None and flow.error.reason == "HISTORY_MISMATCH"
+
+    # Not wrapped into a DagExecutionError that fails the flow: held for the old code.
+    await eventually(parked, what="parked")
+    await second.shutdown()
+    assert (await client.get(flow_id)).status is FlowStatus.PENDING
+    assert RUNS["dag_reserve"] == 1
 
 
 @dataclass
