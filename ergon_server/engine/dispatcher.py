@@ -157,7 +157,13 @@ class Dispatcher:
                 if isinstance(flows, BaseException):
                     failure = flows
                     continue
-                await self._hand_over(session, flows)
+                try:
+                    await self._hand_over(session, flows)
+                except ErgonError as error:
+                    # Giving back a gone session's flows failed: their leases lapse as any
+                    # unrenewed lease does. The other sessions' claims are still handed over.
+                    failure = error
+                    continue
                 handed_over += len(flows)
                 if len(flows) < ask:
                     starved.append(session)

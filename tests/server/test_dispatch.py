@@ -21,6 +21,7 @@ from ergon_server.engine.sessions import (
     Session,
     StepResultIn,
 )
+from ergon_server.errors import StoreUnavailableError
 from ergon_server.model import (
     ClaimedFlow,
     EntryKind,
@@ -207,3 +208,31 @@ async def test_an_expired_lease_is_revoked_only_from_its_own_holder(
     assert "f1" not in session.held
     (revoke,) = await session.next_batch()
     assert isinstance(revoke, RevokeOut) and revoke.lease_token == flow.lease_token
+
+
+async def test_a_failed_give_back_for_a_gone_worker_does_not_strand_the_others_flows(
+    engine: Engine, store: Store
+) -> None:
+    gone, _ = await engine.open_session("gone", ["T"], 1, 1, [])
+    staying, _ = await engine.open_session("staying", ["T"], 1, 1, [])
+    await asyncio.sleep(0.2)  # their first passes
+    claim, release = store.claim_flows, store.release_flows
+    failures = [StoreUnavailableError("the store blinked")]
+
+    async def claim_then_leave(session_id: str, *args: Any) -> list[ClaimedFlow]:
+        flows = await claim(session_id, *args)
+        if session_id == gone.session_id:
+            engine.close_session(gone)  # its worker left while the claim was in flight
+        return flows
+
+    async def release_failing_once(*args: Any) -> list[Any]:
+        if failures:
+            raise failures.pop()
+        return await release(*args)
+
+    store.claim_flows = claim_then_leave  # type: ignore[method-assign]
+    store.release_flows = release_failing_once  # type: ignore[method-assign]
+    # One pass claims for both: the gone worker's flow cannot be given back this time.
+    await engine.schedule_flows([NewFlow("f1", "T", b"{}"), NewFlow("f2", "T", b"{}")])
+    (flow,) = await assigned(staying)
+    assert not failures and flow.flow_id in ("f1", "f2")
