@@ -385,7 +385,8 @@ class Worker:
                 log.info("%d flows still running after the grace period; releasing them", len(late))
             for flow_id, running in list(self._running.items()):
                 self._drop(flow_id)
-                with contextlib.suppress(RpcError):
+                # Given back if the server answers soon; if not, its lease lapses anyway.
+                with contextlib.suppress(RpcError, TimeoutError):
                     async with asyncio.timeout(5):
                         await stream.request(_release_event(flow_id, running.lease_token))
         await stream.close()

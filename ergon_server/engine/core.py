@@ -553,8 +553,10 @@ class Engine:
             raise InvalidArgumentError("a worker must register at least one flow type")
         for flow_type in flow_types:
             validate_id(flow_type, "flow_type")
-        if capacity <= 0:
-            raise InvalidArgumentError(f"capacity must be positive, got {capacity}")
+        # 0 is a stopping worker that reconnected: it re-attaches the flows it still runs and
+        # takes no new ones.
+        if capacity < 0:
+            raise InvalidArgumentError(f"capacity must not be negative, got {capacity}")
         if protocol_version != PROTOCOL_VERSION:
             raise FailedPreconditionError(
                 f"this server speaks worker protocol {PROTOCOL_VERSION}, "

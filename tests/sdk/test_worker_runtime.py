@@ -21,6 +21,7 @@ from ergon_worker_sdk import (
 )
 from ergon_worker_sdk.testing import ErgonTestServer
 from tests.support.processes import eventually
+from tests.support.proxy import Mode, TcpProxy
 from tests.support.sdk import start
 
 RUNS: dict[str, int] = {}
@@ -419,3 +420,25 @@ async def test_a_worker_shuts_down_at_once_when_its_server_is_gone() -> None:
         await server.shutdown()
         # Nobody is left to take capacity 0 in: the worker must not wait for an answer.
         await asyncio.wait_for(handle.shutdown(), timeout=1.5)
+
+
+async def test_a_worker_that_reconnects_while_stopping_still_delivers_its_flows() -> None:
+    async with ErgonTestServer() as server:
+        with TcpProxy(server.address) as proxy:
+            async with Client(proxy.address) as client:
+                _, handle = await start(client, Pausing, name="stopping")
+                flow_id = await client.schedule(Pausing(5))
+                await eventually(lambda: RUNS.get("wait_here") == 1, what="the flow runs")
+                stopping = asyncio.create_task(handle.shutdown(grace=30))
+                await asyncio.sleep(0.3)  # capacity 0 is taken in
+                # The connection drops mid-grace: the worker comes back with capacity 0 and
+                # the lease it holds, and the flow's end still reaches the server.
+                proxy.set_mode(Mode.DROP)
+                await asyncio.sleep(0.2)
+                proxy.set_mode(Mode.PASS)
+                await eventually(lambda: proxy.accepted >= 2, what="the worker reconnected")
+                GATE.setdefault("go", asyncio.Event()).set()
+                await asyncio.wait_for(stopping, timeout=20)
+                outcome = await client.wait(flow_id, timeout=10)
+                assert (outcome.status, outcome.result) == (FlowStatus.COMPLETED, "5:passed")
+                assert RUNS["wait_here"] == 1

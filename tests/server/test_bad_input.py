@@ -1058,7 +1058,6 @@ def opening_cases() -> list[tuple[str, list[bytes], grpc.StatusCode, str]]:
         ("version-0", [msg(register_event(protocol_version=0))], FP, "PROTOCOL_VERSION"),
         ("version-99", [msg(register_event(protocol_version=99))], FP, "PROTOCOL_VERSION"),
         ("version-negative", [msg(register_event(protocol_version=-1))], FP, "PROTOCOL_VERSION"),
-        ("capacity-0", [msg(register_event(capacity=0))], I, "INVALID_ARGUMENT"),
         ("capacity-negative", [msg(register_event(capacity=-(2**31)))], I, "INVALID_ARGUMENT"),
         ("no-flow-types", [msg(register_event(flow_types=[]))], I, "INVALID_ARGUMENT"),
         ("empty-flow-type", [msg(register_event(flow_types=[WTYPE, ""]))], I, "INVALID_ID"),

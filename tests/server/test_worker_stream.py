@@ -193,9 +193,9 @@ async def test_capacity_is_never_exceeded_and_capacity_updates_apply(
             "REGISTER_FIRST",
         ),
         (register(version=99), grpc.StatusCode.FAILED_PRECONDITION, "PROTOCOL_VERSION"),
-        (register(capacity=0), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (register(capacity=-1), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
     ],
-    ids=["no-register", "wrong-version", "zero-capacity"],
+    ids=["no-register", "wrong-version", "negative-capacity"],
 )
 async def test_bad_registrations_are_refused(
     channel: grpc.aio.Channel, first: worker_pb2.ConnectRequest, code: grpc.StatusCode, reason: str

@@ -208,7 +208,9 @@ class Register(_message.Message):
     worker_id: _builtins.str
     """Stable name of the worker process (logs, the `ergon workers` view)."""
     capacity: _builtins.int
-    """Most flows the session holds at once."""
+    """Most flows the session holds at once; 0 takes none (a stopping worker that reconnects
+    to finish the flows it still runs, re-attached through `held_leases`).
+    """
     protocol_version: _builtins.int
     """The protocol version the worker speaks (this file: 1)."""
     @_builtins.property
