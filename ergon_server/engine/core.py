@@ -458,7 +458,9 @@ class Engine:
         """Cancel a flow that has not ended.
 
         A pending or waiting flow is CANCELLED at once; a running one is asked to stop at its
-        next step boundary (its code may catch that and clean up) and ends CANCELLED.
+        next step boundary (its code may catch that and clean up) and ends CANCELLED. Asking
+        again is harmless: a flow that ended CANCELLED is returned as it is (so a retried call
+        whose first answer was lost succeeds); one that ended otherwise is FLOW_CLOSED.
         """
         validate_id(flow_id, "flow_id")
         if len(reason) > 1024:
@@ -467,7 +469,12 @@ class Engine:
         if outcome is CancelOutcome.NOT_FOUND:
             raise NotFoundError(f"flow {flow_id!r} does not exist")
         if outcome is CancelOutcome.CLOSED:
-            raise FailedPreconditionError(f"flow {flow_id!r} has already ended", "FLOW_CLOSED")
+            record = await self.get_flow(flow_id)
+            if record.status is FlowStatus.CANCELLED:
+                return record
+            raise FailedPreconditionError(
+                f"flow {flow_id!r} has already ended {record.status.value}", "FLOW_CLOSED"
+            )
         if outcome is CancelOutcome.CANCEL_REQUESTED:
             record = await self.get_flow(flow_id)
             session = self.dispatcher.holder(flow_id, record.lease_token)

@@ -118,7 +118,15 @@ async def test_cancel_and_errors(running: tuple[ErgonTestServer, Client]) -> Non
     await asyncio.sleep(0.3)
     code, out, _ = await ergon(server.address, "cancel", "o2", "--reason", "test")
     assert code == 0 and "CANCELLED" in out
-    code, _, err = await ergon(server.address, "cancel", "o2")
+    code, out, _ = await ergon(server.address, "cancel", "o2")
+    assert code == 0 and "CANCELLED" in out  # asking again changes nothing
+    await ergon(
+        server.address, "schedule", "CliOrder", "--json", '{"order_id": "C"}', "--flow-id", "o3"
+    )
+    await asyncio.sleep(0.3)
+    await ergon(server.address, "signal", "o3", "approved", "--json", '{"by": "ann"}')
+    await running[1].wait("o3", timeout=10)
+    code, _, err = await ergon(server.address, "cancel", "o3")
     assert code == 1 and "FAILED_PRECONDITION FLOW_CLOSED" in err
     code, _, err = await ergon(server.address, "flows", "show", "nope")
     assert code == 1 and "NOT_FOUND FLOW_NOT_FOUND" in err

@@ -579,12 +579,6 @@ def cancel_cases() -> list[UnaryCase]:
     return [
         *flow_id_cases(lambda v: scheduler_pb2.CancelFlowRequest(flow_id=v)),
         case(
-            "closed-flow",
-            scheduler_pb2.CancelFlowRequest(flow_id="closed-1"),
-            FP,
-            "FLOW_CLOSED",
-        ),
-        case(
             "completed-flow",
             scheduler_pb2.CancelFlowRequest(flow_id="worked-1"),
             FP,
