@@ -600,8 +600,14 @@ class Engine:
         )
         return session, reattached
 
-    def close_session(self, session: Session, *, announce: bool = True) -> None:
-        """The worker's stream ended; its leases wait for a reconnect or their expiry."""
+    def close_session(
+        self, session: Session, *, announce: bool = True, give_back: bool = True
+    ) -> None:
+        """The worker's stream ended; its leases wait for a reconnect or their expiry.
+
+        Flows handed to the session but never written to it are given back at once (with
+        `give_back`): the worker cannot know them, so they would wait out their leases.
+        """
         if session.session_id in {s.session_id for s in self.dispatcher.sessions}:
             log.log(
                 logging.INFO if announce else logging.DEBUG,
@@ -612,6 +618,18 @@ class Engine:
                 extra={"worker_id": session.worker_id, "session_id": session.session_id},
             )
         self.dispatcher.remove(session)
+        undelivered = session.take_undelivered() if give_back else []
+        if undelivered:
+            leases = [Lease(f.flow_id, f.lease_token) for f in undelivered]
+            self._in_background(self._give_back(leases))
+
+    async def _give_back(self, leases: list[Lease]) -> None:
+        try:
+            await self.store.release_flows(leases, self.clock.now_ms())
+        except ErgonError as error:
+            log.warning("could not give back %d undelivered flows: %s", len(leases), error)
+            return
+        self.dispatcher.wake()
 
     # ------------------------------------------------------- worker-poll (unary)
 
@@ -642,9 +660,13 @@ class Engine:
                     while not session.closed:
                         flow = _assignment(await session.next_batch())
                         if flow is not None:
+                            self.close_session(session, announce=False)
                             return flow
-        finally:
+        except BaseException:
+            # The call went away: a flow handed over meanwhile goes back at once.
             self.close_session(session, announce=False)
+            raise
+        self.close_session(session, announce=False, give_back=False)
         # A flow handed over as the wait ended is still this caller's; after the close, a
         # claim in flight gives its flows back instead (the dispatcher sees the session closed).
         return _assignment(await session.next_batch())

@@ -259,6 +259,12 @@ class Session:
         batch, self._outbox = self._outbox, []
         return batch
 
+    def take_undelivered(self) -> list[ClaimedFlow]:
+        """Remove the assignments still queued (never written) and return their flows."""
+        flows = [e.flow for e in self._outbox if isinstance(e, AssignmentOut)]
+        self._outbox = [e for e in self._outbox if not isinstance(e, AssignmentOut)]
+        return flows
+
     def close(self) -> None:
         """Stop the session; the writer's pending `next_batch` returns."""
         self.closed = True

@@ -34,6 +34,7 @@ from ergon_server.model import (
 from ergon_server.storage import create_store
 from ergon_server.storage.base import Store
 from tests.support.postgres import temporary_database_sync
+from tests.support.processes import eventually
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
@@ -236,3 +237,20 @@ async def test_a_failed_give_back_for_a_gone_worker_does_not_strand_the_others_f
     await engine.schedule_flows([NewFlow("f1", "T", b"{}"), NewFlow("f2", "T", b"{}")])
     (flow,) = await assigned(staying)
     assert not failures and flow.flow_id in ("f1", "f2")
+
+
+async def test_flows_handed_to_a_session_that_closes_before_writing_them_go_back_at_once(
+    engine: Engine, store: Store
+) -> None:
+    session, _ = await engine.open_session("w", ["T"], 4, 1, [])
+    await engine.schedule_flows([NewFlow("f1", "T", b"{}")])
+    await eventually(lambda: "f1" in session.held, what="f1 handed over")
+    # The stream ends before its writer took the assignment: the worker never saw f1.
+    engine.close_session(session)
+
+    async def pending_again() -> bool:
+        record = await store.get_flow("f1")
+        return record is not None and record.status is FlowStatus.PENDING
+
+    # Not after the lease TTL (15 s by default): at once.
+    await eventually(pending_again, within=5, what="f1 given back")
