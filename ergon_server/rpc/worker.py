@@ -105,6 +105,10 @@ def _check_delay(delay_ms: int, what: str, reason: str, now_ms: int) -> None:
 
 # A stream message carries what is queued up to about this much; one event larger goes alone.
 OUTGOING_BATCH_BYTES = 4 * 1024 * 1024
+# A stream's messages being handled at once. Past this, the stream is not read until one is
+# done: a worker sending faster than the store writes is held back by HTTP/2's flow control
+# instead of growing the server's memory (a well-behaved worker has a few in flight).
+MAX_HANDLING_PER_STREAM = 32
 # Room for the message's own framing around its events.
 _FRAMING_BYTES = 4096
 
@@ -330,6 +334,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 task = asyncio.create_task(self._handle(session, list(request.events)))
                 handlers.add(task)
                 task.add_done_callback(handlers.discard)
+                if len(handlers) >= MAX_HANDLING_PER_STREAM:
+                    await asyncio.wait(set(handlers), return_when=asyncio.FIRST_COMPLETED)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass
         finally:

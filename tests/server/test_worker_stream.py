@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from ergon_server.rpc.worker import MAX_HANDLING_PER_STREAM
 from ergon_worker_sdk.errors import translate
 from ergon_worker_sdk.proto.ergon.v1 import (
     common_pb2,
@@ -241,3 +242,46 @@ async def test_a_client_may_not_hold_more_streams_than_the_limit() -> None:
                     await asyncio.sleep(0.05)
         for call in [*calls, again]:
             call.cancel()
+
+
+async def test_a_worker_sending_faster_than_the_store_writes_is_held_back(
+    test_server: ErgonTestServer, channel: grpc.aio.Channel
+) -> None:
+    store = test_server._server.store
+    record_steps = store.record_steps
+    store_open = asyncio.Event()
+    in_flight = 0
+    most = 0
+
+    async def slow_record_steps(*args: object) -> object:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await store_open.wait()  # a store that has stopped answering for now
+            return await record_steps(*args)
+        finally:
+            in_flight -= 1
+
+    store.record_steps = slow_record_steps
+    call: Call = worker_pb2_grpc.WorkerServiceStub(channel).Connect()
+    await call.write(register())
+    await read_events(call, "registered")
+    step = worker_pb2.StepResult(
+        flow_id="none",
+        lease_token=1,
+        key="a#1",
+        attempts=1,
+        kind=common_pb2.ENTRY_KIND_STEP,
+        args_hash="h",
+        result=common_pb2.Payload(encoding="json/plain", data=b"1"),
+    )
+    for seq in range(1, 201):
+        await asyncio.wait_for(call.write(event(seq=seq, step_result=step)), timeout=10)
+    await asyncio.sleep(0.5)
+    # 200 messages sent (HTTP/2 buffers them), but only so many are being handled.
+    assert most == MAX_HANDLING_PER_STREAM
+    store_open.set()
+    acks = await asyncio.wait_for(read_events(call, "ack", 200), timeout=30)
+    assert sorted(a.ack.seq for a in acks) == list(range(1, 201))
+    call.cancel()
