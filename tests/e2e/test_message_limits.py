@@ -80,11 +80,7 @@ async def test_a_flow_too_large_to_assign_is_parked_and_the_stream_carries_on() 
             # Four results of 0.9 MiB: assigned again after its timer, with 3.6 MiB of history.
             flow_id = await client.schedule(BigHistory(4))
 
-            async def parked() -> bool:
-                record = await client.get(flow_id)
-                return record.error is not None and record.error.reason == "ASSIGNMENT_TOO_LARGE"
-
-            await eventually(parked, within=30, what="the oversized flow parked")
+            await eventually(lambda: _parked_too_large(client, flow_id), within=30, what="parked")
             record = await client.get(flow_id)
             assert record.status is FlowStatus.PENDING
             assert "raise --max-message-bytes" in record.error.message
@@ -115,6 +111,11 @@ async def test_poll_workers_get_no_oversized_assignment_either() -> None:
         await _poll_until_parked(client, flow_id)
 
 
+async def _parked_too_large(client: Client, flow_id: str) -> bool:
+    record = await client.get(flow_id)
+    return record.error is not None and record.error.reason == "ASSIGNMENT_TOO_LARGE"
+
+
 async def _status(client: Client, flow_id: str, status: FlowStatus) -> bool:
     return (await client.get(flow_id)).status is status
 
@@ -132,7 +133,6 @@ async def _poll_until_parked(client: Client, flow_id: str) -> None:
         )
         # Never the assignment itself: it would not fit in the response.
         assert not response.HasField("assignment")
-        record = await client.get(flow_id)
-        return record.error is not None and record.error.reason == "ASSIGNMENT_TOO_LARGE"
+        return await _parked_too_large(client, flow_id)
 
     await eventually(parked, within=30, what="the poller's oversized flow parked")

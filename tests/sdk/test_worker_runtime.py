@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -96,22 +97,31 @@ class PausingChanged:
         return str(reserved)
 
 
-async def test_changed_step_arguments_park_the_flow_without_running_the_step(
-    client: Client,
-) -> None:
-    _, first = await start(client, Pausing, name="old-code")
-    flow_id = await client.schedule(Pausing(1))
-    await eventually(lambda: RUNS.get("wait_here") == 1, what="flow reached the gate")
+async def parked_under_new_code(
+    client: Client, old: type, new: type, flow: Any, reached: str
+) -> str:
+    """Run `flow` on the old code until `reached` has run, hand it to the new code, and
+    return its id once the new code has parked it (PENDING, HISTORY_MISMATCH)."""
+    _, first = await start(client, old, name="old-code")
+    flow_id = await client.schedule(flow)
+    await eventually(lambda: RUNS.get(reached) == 1, what=f"the flow ran {reached}")
     await first.shutdown(grace=0)
-    _, second = await start(client, PausingChanged, name="new-code")
+    _, second = await start(client, new, name="new-code")
 
     async def parked() -> bool:
-        flow = await client.get(flow_id)
-        return flow.error is not None and flow.error.reason == "HISTORY_MISMATCH"
+        record = await client.get(flow_id)
+        return record.error is not None and record.error.reason == "HISTORY_MISMATCH"
 
     await eventually(parked, what="parked")
     await second.shutdown()
     assert (await client.get(flow_id)).status is FlowStatus.PENDING
+    return flow_id
+
+
+async def test_changed_step_arguments_park_the_flow_without_running_the_step(
+    client: Client,
+) -> None:
+    flow_id = await parked_under_new_code(client, Pausing, PausingChanged, Pausing(1), "wait_here")
     assert RUNS["reserve"] == 1
     assert [e.key for e in await client.history(flow_id)] == ["reserve#1"]
 
@@ -156,20 +166,8 @@ class DagPausingChanged:
 
 
 async def test_a_history_mismatch_inside_a_dag_parks_the_flow_too(client: Client) -> None:
-    _, first = await start(client, DagPausing, name="old-code")
-    flow_id = await client.schedule(DagPausing(1))
-    await eventually(lambda: RUNS.get("dag_reserve") == 1, what="the dag reached its gate")
-    await first.shutdown(grace=0)
-    _, second = await start(client, DagPausingChanged, name="new-code")
-
-    async def parked() -> bool:
-        flow = await client.get(flow_id)
-        return flow.error is not None and flow.error.reason == "HISTORY_MISMATCH"
-
     # Not wrapped into a DagExecutionError that fails the flow: held for the old code.
-    await eventually(parked, what="parked")
-    await second.shutdown()
-    assert (await client.get(flow_id)).status is FlowStatus.PENDING
+    await parked_under_new_code(client, DagPausing, DagPausingChanged, DagPausing(1), "dag_reserve")
     assert RUNS["dag_reserve"] == 1
 
 
