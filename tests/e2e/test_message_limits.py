@@ -6,11 +6,15 @@ the worker reconnects, to end the stream again: the server must never send one.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+
+import pytest
 
 from ergon_worker_sdk import Client, FlowStatus, Worker, flow, flow_type, schedule_timer, step
 from ergon_worker_sdk.testing import ErgonTestServer
 from tests.support.processes import eventually
+from tests.support.sdk import start
 
 MB = 1024 * 1024
 
@@ -68,47 +72,47 @@ async def test_assignments_that_fill_several_messages_are_split_and_all_run() ->
             await handle.shutdown()
 
 
-async def test_a_flow_too_large_to_assign_is_parked_and_the_stream_carries_on() -> None:
+@pytest.fixture
+async def small_limits() -> AsyncIterator[Client]:
+    """A client of a server taking messages of 3 MiB at most (payloads of 1 MiB)."""
     async with (
         ErgonTestServer(max_message_bytes=3 * MB, max_payload_bytes=MB) as server,
         server.client() as client,
     ):
-        worker = Worker(client, "big-history")
-        await worker.register(BigHistory, BigInput)
-        handle = await worker.start()
-        try:
-            # Four results of 0.9 MiB: assigned again after its timer, with 3.6 MiB of history.
-            flow_id = await client.schedule(BigHistory(4))
-
-            await eventually(lambda: _parked_too_large(client, flow_id), within=30, what="parked")
-            record = await client.get(flow_id)
-            assert record.status is FlowStatus.PENDING
-            assert "raise --max-message-bytes" in record.error.message
-            # The same worker's stream still works: a small flow runs through it.
-            small = await client.run(BigInput("ok"), timeout=30)
-            assert (small.status, small.result) == (FlowStatus.COMPLETED, 2)
-            # A flow under the limit with the same shape runs to its end.
-            fits = await client.run(BigHistory(2), timeout=30)
-            assert (fits.status, fits.result) == (FlowStatus.COMPLETED, 2 * 900 * 1024)
-        finally:
-            await handle.shutdown()
+        yield client
 
 
-async def test_poll_workers_get_no_oversized_assignment_either() -> None:
-    async with (
-        ErgonTestServer(max_message_bytes=3 * MB, max_payload_bytes=MB) as server,
-        server.client() as client,
-    ):
-        worker = Worker(client, "big-history")
-        await worker.register(BigHistory)
-        handle = await worker.start()
-        flow_id = await client.schedule(BigHistory(4, pause=2.0))
-        # Let the stream worker run it up to its timer, then leave the rest to a poller.
-        await eventually(
-            lambda: _status(client, flow_id, FlowStatus.WAITING), what="the flow waits"
-        )
+async def test_a_flow_too_large_to_assign_is_parked_and_the_stream_carries_on(
+    small_limits: Client,
+) -> None:
+    client = small_limits
+    _, handle = await start(client, BigHistory, BigInput, name="big-history")
+    try:
+        # Four results of 0.9 MiB: assigned again after its timer, with 3.6 MiB of history.
+        flow_id = await client.schedule(BigHistory(4))
+
+        await eventually(lambda: _parked_too_large(client, flow_id), within=30, what="parked")
+        record = await client.get(flow_id)
+        assert record.status is FlowStatus.PENDING
+        assert "raise --max-message-bytes" in record.error.message
+        # The same worker's stream still works: a small flow runs through it.
+        small = await client.run(BigInput("ok"), timeout=30)
+        assert (small.status, small.result) == (FlowStatus.COMPLETED, 2)
+        # A flow under the limit with the same shape runs to its end.
+        fits = await client.run(BigHistory(2), timeout=30)
+        assert (fits.status, fits.result) == (FlowStatus.COMPLETED, 2 * 900 * 1024)
+    finally:
         await handle.shutdown()
-        await _poll_until_parked(client, flow_id)
+
+
+async def test_poll_workers_get_no_oversized_assignment_either(small_limits: Client) -> None:
+    client = small_limits
+    _, handle = await start(client, BigHistory, name="big-history")
+    flow_id = await client.schedule(BigHistory(4, pause=2.0))
+    # Let the stream worker run it up to its timer, then leave the rest to a poller.
+    await eventually(lambda: _status(client, flow_id, FlowStatus.WAITING), what="the flow waits")
+    await handle.shutdown()
+    await _poll_until_parked(client, flow_id)
 
 
 async def _parked_too_large(client: Client, flow_id: str) -> bool:
