@@ -908,7 +908,8 @@ class Engine:
                 self.config.park_max_delay_ms,
             )
         except ErgonError as error:
-            # Its lease expires as any unanswered one does, and the flow is claimed again.
+            # Not sent either: its lease lapses and it is claimed again, unless the session's
+            # heartbeats keep renewing it with its other leases (renewal is by session).
             log.error("could not park flow %s: %s", flow.flow_id, error.message)
             outcome = WriteOutcome.LEASE_LOST
         if outcome is WriteOutcome.OK:

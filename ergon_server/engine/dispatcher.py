@@ -108,9 +108,8 @@ class Dispatcher:
         held = session.held.get(flow_id, 0)
         if lease_token is not None and held != lease_token:
             return
-        lease_token = held
         self.forget(flow_id)
-        session.send(RevokeOut(flow_id, lease_token, reason))
+        session.send(RevokeOut(flow_id, held, reason))
 
     async def run(self) -> None:
         """Dispatch until cancelled."""

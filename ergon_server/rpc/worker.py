@@ -195,7 +195,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             reader = asyncio.create_task(self._read(session, requests))
             try:
                 while batch := await session.next_batch():
-                    async for message in self._messages(session, batch):
+                    for message in await self._messages(session, batch):
                         yield message
                 if reader.done() and (refusal := reader.result()) is not None:
                     raise refusal
@@ -208,8 +208,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     async def _messages(
         self, session: Session, batch: list[ServerEventOut]
-    ) -> AsyncIterator[worker_pb2.ConnectResponse]:
+    ) -> list[worker_pb2.ConnectResponse]:
         """The batch as messages of at most about OUTGOING_BATCH_BYTES each, in order."""
+        messages: list[worker_pb2.ConnectResponse] = []
         events: list[worker_pb2.ServerEvent] = []
         size = 0
         for event in batch:
@@ -222,12 +223,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 proto = _server_event(replacement)
                 length = proto.ByteSize()
             if events and size + length > OUTGOING_BATCH_BYTES:
-                yield worker_pb2.ConnectResponse(events=events)
+                messages.append(worker_pb2.ConnectResponse(events=events))
                 events, size = [], 0
             events.append(proto)
             size += length
         if events:
-            yield worker_pb2.ConnectResponse(events=events)
+            messages.append(worker_pb2.ConnectResponse(events=events))
+        return messages
 
     async def _undeliverable(
         self, session: Session, event: ServerEventOut, length: int
