@@ -948,7 +948,11 @@ class Engine:
         elif session.held:
             now = self.clock.now_ms()
             try:
-                await self.store.renew_leases(session.session_id, now + self.config.lease_ttl_ms)
+                # Only what this worker runs: a flow leased to the session that it was never
+                # told of (or dropped) must lapse and go to another, not live on.
+                await self.store.renew_leases(
+                    session.session_id, now + self.config.lease_ttl_ms, sorted(session.held)
+                )
             except ErgonError as error:
                 self._refuse(session, [event.seq], error)
                 return

@@ -1351,7 +1351,7 @@ class CommandSet:
     release_flows: Callable[
         [_Future[list[WriteOutcome]], list[Lease], int], Command[list[WriteOutcome]]
     ]
-    renew_leases: Callable[[_Future[int], str, int], Command[int]]
+    renew_leases: Callable[[_Future[int], str, int, tuple[str, ...] | None], Command[int]]
     reattach_leases: Callable[[_Future[list[str]], str, list[Lease], int, int], Command[list[str]]]
     expire_leases: Callable[[_Future[list[Lease]], int], Command[list[Lease]]]
     cancel_flow: Callable[
@@ -1585,10 +1585,13 @@ class BatchedStore:
             self._commands.release_flows(self._future(), list(leases), now_ms)
         )
 
-    async def renew_leases(self, session_id: str, lease_expires_at: int) -> int:
-        """Extend every RUNNING lease owned by the session; returns how many."""
+    async def renew_leases(
+        self, session_id: str, lease_expires_at: int, flow_ids: Sequence[str] | None = None
+    ) -> int:
+        """Extend the session's RUNNING leases (only on `flow_ids` if given); how many."""
+        only = None if flow_ids is None else tuple(unique(flow_ids))
         return await self._submit(
-            self._commands.renew_leases(self._future(), session_id, lease_expires_at)
+            self._commands.renew_leases(self._future(), session_id, lease_expires_at, only)
         )
 
     async def reattach_leases(

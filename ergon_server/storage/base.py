@@ -149,8 +149,14 @@ class Store(Protocol):
         """Give flows back unfinished: RUNNING -> PENDING, ready now, lease cleared, fenced."""
         ...
 
-    async def renew_leases(self, session_id: str, lease_expires_at: int) -> int:
-        """Extend every RUNNING lease owned by the session; returns how many."""
+    async def renew_leases(
+        self, session_id: str, lease_expires_at: int, flow_ids: Sequence[str] | None = None
+    ) -> int:
+        """Extend every RUNNING lease owned by the session; returns how many.
+
+        With `flow_ids`, only the session's leases on those flows: a flow leased to the
+        session that its worker does not know then lapses instead of living on.
+        """
         ...
 
     async def reattach_leases(

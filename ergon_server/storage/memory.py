@@ -600,11 +600,16 @@ class MemoryStore:
                 flow.clear_lease()
         return outcomes
 
-    async def renew_leases(self, session_id: str, lease_expires_at: int) -> int:
-        """Extend every RUNNING lease owned by the session; returns how many."""
+    async def renew_leases(
+        self, session_id: str, lease_expires_at: int, flow_ids: Sequence[str] | None = None
+    ) -> int:
+        """Extend the session's RUNNING leases (only on `flow_ids` if given); how many."""
         self._check_open()
+        only = None if flow_ids is None else set(flow_ids)
         renewed = 0
         for flow in self._flows.values():
+            if only is not None and flow.flow_id not in only:
+                continue
             if flow.status is FlowStatus.RUNNING and flow.lease_owner == session_id:
                 flow.lease_expires_at = lease_expires_at
                 renewed += 1

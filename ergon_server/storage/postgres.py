@@ -1043,13 +1043,20 @@ class _ClaimFlows(Command[list[ClaimedFlow]]):
 
 
 class _RenewLeases(Command[int]):
-    __slots__ = ("lease_expires_at", "session_id")
+    __slots__ = ("flow_ids", "lease_expires_at", "session_id")
     barrier = True
 
-    def __init__(self, future: asyncio.Future[int], session_id: str, lease_expires_at: int) -> None:
+    def __init__(
+        self,
+        future: asyncio.Future[int],
+        session_id: str,
+        lease_expires_at: int,
+        flow_ids: tuple[str, ...] | None,
+    ) -> None:
         super().__init__(future)
         self.session_id = session_id
         self.lease_expires_at = lease_expires_at
+        self.flow_ids = flow_ids
 
     @classmethod
     async def apply_all(cls, tx: _Tx, commands: Sequence[Self]) -> None:
@@ -1059,10 +1066,12 @@ class _RenewLeases(Command[int]):
             # with another replica's batch; a row that changed while waiting is re-checked.
             status = await tx.conn.execute(
                 "WITH mine AS (SELECT seq FROM flows WHERE status = 'RUNNING' "
-                "AND lease_owner = $2 ORDER BY flow_id FOR UPDATE) "
+                "AND lease_owner = $2 AND ($3::text[] IS NULL OR flow_id = ANY($3::text[])) "
+                "ORDER BY flow_id FOR UPDATE) "
                 "UPDATE flows AS f SET lease_expires_at = $1 FROM mine WHERE f.seq = mine.seq",
                 command.lease_expires_at,
                 command.session_id,
+                None if command.flow_ids is None else list(command.flow_ids),
             )
             command.result = _row_count(status)
 

@@ -839,24 +839,37 @@ class _ClaimFlows(Command[list[ClaimedFlow]]):
 
 
 class _RenewLeases(Command[int]):
-    __slots__ = ("lease_expires_at", "session_id")
+    __slots__ = ("flow_ids", "lease_expires_at", "session_id")
     barrier = True
 
-    def __init__(self, future: asyncio.Future[int], session_id: str, lease_expires_at: int) -> None:
+    def __init__(
+        self,
+        future: asyncio.Future[int],
+        session_id: str,
+        lease_expires_at: int,
+        flow_ids: tuple[str, ...] | None,
+    ) -> None:
         super().__init__(future)
         self.session_id = session_id
         self.lease_expires_at = lease_expires_at
+        self.flow_ids = flow_ids
 
     @classmethod
     async def apply_all(cls, conn: _Writer, commands: Sequence[Self]) -> None:
         """Extend the session's leases through the partial index on lease_owner."""
+        renew = (
+            "UPDATE flows INDEXED BY flows_lease_owner SET lease_expires_at = ? "
+            "WHERE status = 'RUNNING' AND lease_owner = ?"
+        )
         for command in commands:
-            cursor = await conn.execute(
-                "UPDATE flows INDEXED BY flows_lease_owner SET lease_expires_at = ? "
-                "WHERE status = 'RUNNING' AND lease_owner = ?",
-                (command.lease_expires_at, command.session_id),
-            )
-            command.result = cursor.rowcount
+            params = (command.lease_expires_at, command.session_id)
+            if command.flow_ids is None:
+                command.result = (await conn.execute(renew, params)).rowcount
+                continue
+            command.result = 0
+            for chunk in _chunks(command.flow_ids):
+                sql = f"{renew} AND flow_id IN ({_marks(len(chunk))})"
+                command.result += (await conn.execute(sql, (*params, *chunk))).rowcount
 
 
 class _ExpireLeases(Command[list[Lease]]):

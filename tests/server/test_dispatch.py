@@ -16,6 +16,7 @@ from ergon_server.engine.sessions import (
     AckOut,
     AssignmentOut,
     FlowFinishIn,
+    HeartbeatIn,
     RevokeOut,
     ServerEventOut,
     Session,
@@ -254,3 +255,24 @@ async def test_flows_handed_to_a_session_that_closes_before_writing_them_go_back
 
     # Not after the lease TTL (15 s by default): at once.
     await eventually(pending_again, within=5, what="f1 given back")
+
+
+async def test_a_heartbeat_renews_only_the_leases_its_worker_runs(
+    engine: Engine, store: Store
+) -> None:
+    session, _ = await engine.open_session("w", ["T"], 8, 1, [])
+    await engine.schedule_flows([NewFlow("f1", "T", b"{}"), NewFlow("f2", "T", b"{}")])
+    await eventually(lambda: len(session.held) == 2, what="both handed over")
+    # The server lost track of f2 on this session (its worker never heard of it, say): the
+    # worker's heartbeats must not keep that lease alive, or f2 would wait for ever.
+    engine.dispatcher.forget("f2")
+    renewed: list[list[str] | None] = []
+    renew = store.renew_leases
+
+    async def spied(session_id: str, expires_at: int, flow_ids: Any = None) -> int:
+        renewed.append(None if flow_ids is None else list(flow_ids))
+        return await renew(session_id, expires_at, flow_ids)
+
+    store.renew_leases = spied  # type: ignore[method-assign]
+    await engine.handle_worker_events(session, [HeartbeatIn(1)])
+    assert renewed == [["f1"]]

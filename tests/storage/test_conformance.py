@@ -652,6 +652,26 @@ async def test_renew_leases(store: Store) -> None:
     assert await store.renew_leases("nobody", clock.now_ms() + TTL) == 0
 
 
+async def test_renew_leases_on_named_flows_only(store: Store) -> None:
+    clock = ManualClock(T0)
+    await store.schedule_flows([flow("a"), flow("b"), flow("c")], clock.now_ms())
+    await store.claim_flows("s1", ["orders"], 2, clock.now_ms() + TTL, clock.now_ms())
+    await store.claim_flows("s2", ["orders"], 1, clock.now_ms() + TTL, clock.now_ms())
+    clock.advance(5_000)
+    # "b" is leased to s1 but its worker does not run it: it is not renewed and lapses.
+    # "c" is another session's, "x" nobody's: named, but not s1's to renew.
+    assert await store.renew_leases("s1", clock.now_ms() + TTL, ["a", "c", "x", "a"]) == 1
+    assert await store.renew_leases("s1", clock.now_ms() + TTL, []) == 0
+    expiries = {}
+    for flow_id in ("a", "b", "c"):
+        record = await store.get_flow(flow_id)
+        assert record is not None
+        expiries[flow_id] = record.lease_expires_at
+    assert expiries == {"a": T0 + 5_000 + TTL, "b": T0 + TTL, "c": T0 + TTL}
+    expired = await store.expire_leases(T0 + TTL + 1)
+    assert sorted(lease.flow_id for lease in expired) == ["b", "c"]
+
+
 async def test_expire_leases(store: Store) -> None:
     clock = ManualClock(T0)
     await store.schedule_flows([flow("a"), flow("b")], clock.now_ms())
