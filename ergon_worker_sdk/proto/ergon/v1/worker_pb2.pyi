@@ -238,7 +238,9 @@ Global___Register: _TypeAlias = Register  # noqa: Y015
 
 @_typing.final
 class Heartbeat(_message.Message):
-    """Liveness; renews every lease of the session."""
+    """Liveness; renews the session's leases on the flows the server has given it (a flow the
+    worker was never told of is not renewed, and goes to another worker when its lease lapses).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
