@@ -81,9 +81,10 @@ def _check_lease(flow_id: str, lease_token: int) -> int:
 
 
 def _check_key(key: str, what: str) -> None:
-    if not key or key.startswith("$") or len(key) > MAX_KEY_LENGTH:
+    # Control characters too: PostgreSQL cannot store a NUL, and no backend should differ.
+    if not key or key.startswith("$") or len(key) > MAX_KEY_LENGTH or not key.isprintable():
         raise InvalidArgumentError(
-            f"{what} needs a journal key of at most {MAX_KEY_LENGTH} characters, "
+            f"{what} needs a journal key of at most {MAX_KEY_LENGTH} printable characters, "
             "not starting with '$'",
             "INVALID_ID",
         )

@@ -768,6 +768,7 @@ def worker_event_cases(s: Seeded) -> dict[str, list[tuple[str, dict[str, Any], i
             ("empty-key", {"step_result": step(key="")}, invalid, "INVALID_ID"),
             ("huge-key", {"step_result": step(key=HUGE)}, invalid, "INVALID_ID"),
             ("reserved-key", {"step_result": step(key="$cancel")}, invalid, "INVALID_ID"),
+            ("control-key", {"step_result": step(key=CONTROL)}, invalid, "INVALID_ID"),
             ("no-outcome", {"step_result": step(result=None)}, invalid, "MISSING_OUTCOME"),
             ("unknown-kind", {"step_result": step(kind=99)}, invalid, "INVALID_KIND"),
             *[
@@ -844,6 +845,7 @@ def worker_event_cases(s: Seeded) -> dict[str, list[tuple[str, dict[str, Any], i
             ("empty-key", {"wait": wait(key="", timer=timer)}, invalid, "INVALID_ID"),
             ("huge-key", {"wait": wait(key=HUGE, timer=timer)}, invalid, "INVALID_ID"),
             ("reserved-key", {"wait": wait(key="$cancel", timer=timer)}, invalid, "INVALID_ID"),
+            ("control-key", {"wait": wait(key=CONTROL, timer=timer)}, invalid, "INVALID_ID"),
             (
                 "timer-in-past",
                 {"wait": wait(timer=worker_pb2.TimerWait(fire_in_ms=-1))},
