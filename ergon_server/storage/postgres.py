@@ -1058,12 +1058,18 @@ class _RenewLeases(Command[int]):
         self.lease_expires_at = lease_expires_at
         self.flow_ids = flow_ids
 
+    def resources(self) -> Iterable[str]:
+        # Named flows are locked with the rest of the batch's, up front and in flow_id order
+        # (`_lock_batch`), so a heartbeat cannot deadlock with another replica's batch.
+        return () if self.flow_ids is None else flow_resources(self.flow_ids)
+
     @classmethod
     async def apply_all(cls, tx: _Tx, commands: Sequence[Self]) -> None:
         """Extend the session's leases through the partial index on lease_owner."""
         for command in commands:
-            # Locked in flow_id order like every other writer, so a heartbeat cannot deadlock
-            # with another replica's batch; a row that changed while waiting is re-checked.
+            # Renewed by owner only (a restart, ExtendLease), the rows are locked here, after
+            # the batch's own: a deadlock with another replica is possible, and detected, and
+            # the batch runs again. A row that changed while waiting is re-checked.
             status = await tx.conn.execute(
                 "WITH mine AS (SELECT seq FROM flows WHERE status = 'RUNNING' "
                 "AND lease_owner = $2 AND ($3::text[] IS NULL OR flow_id = ANY($3::text[])) "

@@ -35,10 +35,12 @@ from ergon_server.model import (
 from ergon_server.storage import create_store
 from ergon_server.storage.postgres import (
     PostgresStore,
+    _batch_flows,
     _ClaimFlows,
     _decode_events,
     _encode_events,
     _literal,
+    _RenewLeases,
     _translate,
 )
 from tests.storage.support import (
@@ -770,3 +772,13 @@ async def test_temporary_databases_are_dropped(dsn: str) -> None:
     rows = await _fetch(dsn, f"SELECT 1 FROM pg_database WHERE datname = '{name}'")
     assert rows == []
     await store.close()
+
+
+async def test_a_heartbeats_flows_are_locked_up_front_with_the_rest_of_its_batch() -> None:
+    # Locked later, in its own statement, a heartbeat's rows could be taken after the batch's
+    # other flows while another replica's batch took them in the other order: a deadlock.
+    loop = asyncio.get_running_loop()
+    heartbeat = _RenewLeases(loop.create_future(), "s1", T0, ("m", "a"))
+    by_owner = _RenewLeases(loop.create_future(), "s1", T0, None)
+    assert _batch_flows([heartbeat], {}) == ["a", "m"]
+    assert _batch_flows([by_owner], {}) == []
