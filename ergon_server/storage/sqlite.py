@@ -240,14 +240,16 @@ class _Writer:
         self._in_job = True
         coroutine = job(self)
         try:
-            coroutine.send(None)
-        except StopIteration as stop:
-            return cast(_T, stop.value)
+            try:
+                coroutine.send(None)
+            except StopIteration as stop:
+                return cast(_T, stop.value)
+            # Closed while still in the job, so its clean-up (a batch's ROLLBACK) can run.
+            coroutine.close()
+            raise StoreError("an sqlite command awaited something other than its connection")
         finally:
             self._in_job = False
             self._inline = time.perf_counter() - started < self.INLINE_UNDER_S
-        coroutine.close()
-        raise StoreError("an sqlite command awaited something other than its connection")
 
     def _connection(self) -> sqlite3.Connection:
         # Only a job may touch the connection: a call from elsewhere would run SQL beside a

@@ -80,6 +80,27 @@ async def test_the_connection_refuses_use_outside_a_job(writer: _Writer) -> None
         await writer.execute("SELECT 1")
 
 
+async def test_a_job_that_awaits_something_else_is_refused_and_rolled_back(
+    writer: _Writer,
+) -> None:
+    async def wanders_off(w: _Writer) -> None:
+        await w.execute("BEGIN IMMEDIATE")
+        try:
+            await w.execute("INSERT INTO t VALUES (1, 0)")
+            await asyncio.sleep(0)  # not the connection: the writer cannot drive this
+        except BaseException:
+            await w.execute("ROLLBACK")
+            raise
+
+    with pytest.raises(StoreError, match="awaited something other than its connection"):
+        await writer.run(wanders_off)
+    # Its transaction is not left open: the next one starts, and its insert is gone.
+    await writer.run(lambda w: w.execute("BEGIN IMMEDIATE"))
+    await writer.run(lambda w: w.execute("COMMIT"))
+    rows = await writer.run(lambda w: w.execute_fetchall("SELECT COUNT(*) FROM t"))
+    assert rows == [(0,)]
+
+
 async def test_reads_do_not_queue_behind_a_write_in_flight_on_the_thread(tmp_path: Path) -> None:
     store = SqliteStore(str(tmp_path / "s.db"))
     await store.open()
