@@ -30,7 +30,8 @@ _FATAL = frozenset(
         grpc.StatusCode.FAILED_PRECONDITION,
     }
 )
-# Keep each outgoing message well under the server's message limit.
+# Keep each outgoing message well under the server's message limit (at most this, and at most
+# half the client's own limit, which a deployment keeps equal to the server's).
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 REGISTER_TIMEOUT_S = 10.0
 
@@ -85,8 +86,10 @@ class WorkerStream:
         initial_backoff_s: float = 0.1,
         max_backoff_s: float = 5.0,
         metadata: tuple[tuple[str, str], ...] = (),
+        max_batch_bytes: int = MAX_BATCH_BYTES,
     ) -> None:
         self._channel = channel
+        self._max_batch_bytes = max_batch_bytes
         self._metadata = metadata
         self.worker_id = worker_id
         self.flow_types = flow_types
@@ -309,10 +312,13 @@ class WorkerStream:
                     await self._queue_ready.wait()
                 batch: list[worker_pb2.WorkerEvent] = []
                 size = 0
-                while self._queue and (not batch or size < MAX_BATCH_BYTES):
-                    event = self._queue.pop(0)
-                    batch.append(event)
-                    size += event.ByteSize()
+                while self._queue:
+                    length = self._queue[0].ByteSize()
+                    # One event alone goes whatever its size (the server judges it).
+                    if batch and size + length > self._max_batch_bytes:
+                        break
+                    batch.append(self._queue.pop(0))
+                    size += length
                 await call.write(worker_pb2.ConnectRequest(events=batch))
 
         async def heartbeat() -> None:

@@ -140,3 +140,36 @@ async def _poll_until_parked(client: Client, flow_id: str) -> None:
         return await _parked_too_large(client, flow_id)
 
     await eventually(parked, within=30, what="the poller's oversized flow parked")
+
+
+@dataclass
+@flow_type(type_id="LargeResult")
+class LargeResult:
+    size: int
+
+    @step
+    async def produce(self) -> str:
+        return "r" * self.size
+
+    @flow
+    async def run(self) -> int:
+        return len(await self.produce())
+
+
+async def test_a_workers_messages_stay_under_its_clients_message_limit() -> None:
+    async with (
+        ErgonTestServer(
+            max_message_bytes=3 * MB, max_payload_bytes=MB, allow_unregistered_flow_types=True
+        ) as server,
+        server.client(max_message_bytes=3 * MB) as client,
+    ):
+        # Queued before the worker comes, they run together, and their results (5.4 MiB in
+        # all, over the 3 MiB limit) are ready to send at once: in several messages.
+        ids = await client.schedule_many([LargeResult(900 * 1024) for _ in range(6)])
+        _, handle = await start(client, LargeResult, name="large-results", capacity=24)
+        try:
+            for flow_id in ids:
+                outcome = await client.wait(flow_id, timeout=30)
+                assert (outcome.status, outcome.result) == (FlowStatus.COMPLETED, 900 * 1024)
+        finally:
+            await handle.shutdown()
