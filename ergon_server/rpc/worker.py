@@ -104,7 +104,8 @@ def _check_delay(delay_ms: int, what: str, reason: str, now_ms: int) -> None:
         raise InvalidArgumentError(f"{what} of {delay_ms} ms ends after the year 9999", reason)
 
 
-# A stream message carries what is queued up to about this much; one event larger goes alone.
+# A stream message carries what is queued up to this much (or half the message limit, if
+# less); one event larger goes alone.
 OUTGOING_BATCH_BYTES = 4 * 1024 * 1024
 # A stream's messages being handled at once. Past this, the stream is not read until one is
 # done: a worker sending faster than the store writes is held back by HTTP/2's flow control
@@ -121,6 +122,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._engine = engine
         # gRPC would refuse to send a larger message and end the stream with it.
         self._max_event_bytes = max_message_bytes - _FRAMING_BYTES
+        self._batch_bytes = min(OUTGOING_BATCH_BYTES, max_message_bytes // 2)
         # Open streams per client, so one client cannot exhaust the server.
         self._streams: dict[str, int] = {}
 
@@ -210,7 +212,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def _messages(
         self, session: Session, batch: list[ServerEventOut]
     ) -> list[worker_pb2.ConnectResponse]:
-        """The batch as messages of at most about OUTGOING_BATCH_BYTES each, in order."""
+        """The batch as messages of at most `_batch_bytes` each (one event alone may be more)."""
         messages: list[worker_pb2.ConnectResponse] = []
         events: list[worker_pb2.ServerEvent] = []
         size = 0
@@ -223,7 +225,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     continue
                 proto = _server_event(replacement)
                 length = proto.ByteSize()
-            if events and size + length > OUTGOING_BATCH_BYTES:
+            if events and size + length > self._batch_bytes:
                 messages.append(worker_pb2.ConnectResponse(events=events))
                 events, size = [], 0
             events.append(proto)

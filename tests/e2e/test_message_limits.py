@@ -53,21 +53,30 @@ class BigHistory:
         return total
 
 
-async def test_assignments_that_fill_several_messages_are_split_and_all_run() -> None:
+@pytest.mark.parametrize(
+    ("limit", "flows", "size"),
+    # 20 MiB over the default 16 MiB limit; 3.6 MiB over a 3 MiB one (under 4 MiB batches).
+    [(None, 20, MB), (3 * MB, 4, 900 * 1024)],
+    ids=["default-limit", "small-limit"],
+)
+async def test_assignments_that_fill_several_messages_are_split_and_all_run(
+    limit: int | None, flows: int, size: int
+) -> None:
+    options = {} if limit is None else {"max_message_bytes": limit, "max_payload_bytes": MB}
     async with (
-        ErgonTestServer(allow_unregistered_flow_types=True) as server,
-        server.client() as client,
+        ErgonTestServer(allow_unregistered_flow_types=True, **options) as server,
+        server.client(**({} if limit is None else {"max_message_bytes": limit})) as client,
     ):
         # Queued before the worker comes: its first claim takes them all (a pass asks for a
-        # quarter of the capacity), about 20 MiB of assignments, over the 16 MiB limit together.
-        ids = await client.schedule_many([BigInput("x" * MB) for _ in range(20)])
+        # quarter of the capacity), more assignments than the message limit together.
+        ids = await client.schedule_many([BigInput("x" * size) for _ in range(flows)])
         worker = Worker(client, "big-inputs", max_concurrency=100)
         await worker.register(BigInput)
         handle = await worker.start()
         try:
             for flow_id in ids:
                 outcome = await client.wait(flow_id, timeout=60)
-                assert (outcome.status, outcome.result) == (FlowStatus.COMPLETED, MB)
+                assert (outcome.status, outcome.result) == (FlowStatus.COMPLETED, size)
         finally:
             await handle.shutdown()
 
