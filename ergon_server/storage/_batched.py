@@ -996,6 +996,30 @@ class ParkFlows(SimCommand[list[WriteOutcome]]):
             await sim.flush()
 
 
+class RenewLeases(Command[int]):
+    """`renew_leases`: extend a session's leases, all of them or those on the named flows."""
+
+    __slots__ = ("flow_ids", "lease_expires_at", "session_id")
+    barrier = True
+
+    def __init__(
+        self,
+        future: asyncio.Future[int],
+        session_id: str,
+        lease_expires_at: int,
+        flow_ids: tuple[str, ...] | None,
+    ) -> None:
+        super().__init__(future)
+        self.session_id = session_id
+        self.lease_expires_at = lease_expires_at
+        self.flow_ids = flow_ids
+
+    def resources(self) -> Iterable[str]:
+        # A dialect with row locks takes the named flows up front with the rest of the batch's,
+        # in flow_id order, so a heartbeat cannot deadlock with another writer's batch.
+        return () if self.flow_ids is None else flow_resources(self.flow_ids)
+
+
 class CancelFlow(SimCommand[tuple[CancelOutcome, list[Satisfied]]]):
     """`cancel_flow`: cancel a flow, or ask its lease holder to stop it."""
 

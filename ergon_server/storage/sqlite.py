@@ -89,6 +89,7 @@ from ergon_server.storage._batched import (
     FlowState,
     ParkFlows,
     RegisterWaits,
+    RenewLeases,
     ScheduleFlowsCommand,
     Sim,
     SuspendFlows,
@@ -840,21 +841,8 @@ class _ClaimFlows(Command[list[ClaimedFlow]]):
         ]
 
 
-class _RenewLeases(Command[int]):
-    __slots__ = ("flow_ids", "lease_expires_at", "session_id")
-    barrier = True
-
-    def __init__(
-        self,
-        future: asyncio.Future[int],
-        session_id: str,
-        lease_expires_at: int,
-        flow_ids: tuple[str, ...] | None,
-    ) -> None:
-        super().__init__(future)
-        self.session_id = session_id
-        self.lease_expires_at = lease_expires_at
-        self.flow_ids = flow_ids
+class _RenewLeases(RenewLeases):
+    __slots__ = ()
 
     @classmethod
     async def apply_all(cls, conn: _Writer, commands: Sequence[Self]) -> None:
