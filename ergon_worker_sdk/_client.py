@@ -36,7 +36,9 @@ log = logging.getLogger("ergon_worker_sdk.client")
 DEFAULT_MAX_PAYLOAD_BYTES = 2 * 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _SCHEDULE_BATCH_FLOWS = 1000
-_SCHEDULE_BATCH_BYTES = 4 * 1024 * 1024
+# The most one message of ours carries (or half the message limit, if less): well under the
+# server's limit, which a deployment keeps equal to the client's.
+MAX_BATCH_BYTES = 4 * 1024 * 1024
 T = TypeVar("T")
 
 
@@ -330,6 +332,11 @@ class Client:
             self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
         return self._stub
 
+    @property
+    def batch_bytes(self) -> int:
+        """The most one batched message of this client (or its worker's stream) carries."""
+        return min(MAX_BATCH_BYTES, self.max_message_bytes // 2)
+
     def payload(self, value: Any) -> common_pb2.Payload:
         """Encode a value, refusing it here if it is over the payload limit."""
         payload = self.converter.to_payload(value)
@@ -418,9 +425,8 @@ class Client:
     async def schedule_many(self, flows: Sequence[Any]) -> list[str]:
         """Schedule many flows, up to 1,000 (and a few MiB) per call; their ids, in order."""
         ids: list[str] = []
-        # Well inside the message limit, so large inputs take several calls instead of one
-        # that gRPC refuses.
-        budget = min(_SCHEDULE_BATCH_BYTES, self.max_message_bytes // 2)
+        # Large inputs take several calls instead of one that gRPC refuses.
+        budget = self.batch_bytes
         batch: list[scheduler_pb2.ScheduleFlowRequest] = []
         size = 0
         for flow in flows:

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import grpc
 
+from ergon_worker_sdk._client import MAX_BATCH_BYTES
 from ergon_worker_sdk.errors import rpc_error, translate
 from ergon_worker_sdk.proto.ergon.v1 import worker_pb2, worker_pb2_grpc
 
@@ -30,9 +31,6 @@ _FATAL = frozenset(
         grpc.StatusCode.FAILED_PRECONDITION,
     }
 )
-# Keep each outgoing message well under the server's message limit (at most this, and at most
-# half the client's own limit, which a deployment keeps equal to the server's).
-MAX_BATCH_BYTES = 4 * 1024 * 1024
 REGISTER_TIMEOUT_S = 10.0
 
 

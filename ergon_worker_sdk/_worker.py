@@ -13,7 +13,7 @@ from typing import Any
 from ergon_worker_sdk._client import Client
 from ergon_worker_sdk._context import FlowContext, failure_from_exception, ignore_refusal
 from ergon_worker_sdk._definitions import FlowTypeDefinition, RetryPolicy, flow_type_definition
-from ergon_worker_sdk._session import MAX_BATCH_BYTES, WorkerStream
+from ergon_worker_sdk._session import WorkerStream
 from ergon_worker_sdk.converter import construct_dataclass
 from ergon_worker_sdk.errors import (
     ConverterError,
@@ -89,7 +89,7 @@ class Worker:
             self.max_concurrency,
             self,
             metadata=self.client.call_metadata,
-            max_batch_bytes=min(MAX_BATCH_BYTES, self.client.max_message_bytes // 2),
+            max_batch_bytes=self.client.batch_bytes,
         )
         self._stream_task = asyncio.create_task(self._stream.run(), name="ergon-worker-stream")
         connected = asyncio.create_task(self._stream.connected.wait())
