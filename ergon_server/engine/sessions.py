@@ -259,6 +259,14 @@ class Session:
         batch, self._outbox = self._outbox, []
         return batch
 
+    def put_back(self, assignments: list[AssignmentOut]) -> None:
+        """Return assignments taken but never written to the outbox's head.
+
+        Even once closed: `take_undelivered` then finds them and gives their flows back.
+        """
+        if assignments:
+            self._outbox[:0] = assignments
+
     def take_undelivered(self) -> list[ClaimedFlow]:
         """Remove the assignments still queued (never written) and return their flows."""
         flows = [e.flow for e in self._outbox if isinstance(e, AssignmentOut)]

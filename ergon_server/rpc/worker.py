@@ -198,8 +198,26 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             reader = asyncio.create_task(self._read(session, requests))
             try:
                 while batch := await session.next_batch():
-                    for message in await self._messages(session, batch):
-                        yield message
+                    try:
+                        messages = await self._messages(session, batch)
+                    except BaseException:
+                        # Cancelled while parking one: none of the batch was written.
+                        session.put_back([e for e in batch if isinstance(e, AssignmentOut)])
+                        raise
+                    written = 0
+                    try:
+                        for message, _ in messages:
+                            yield message
+                            written += 1
+                    finally:
+                        # The stream broke while a message was being written: that one may
+                        # have reached the worker; the ones after it never left, so their
+                        # flows go back with the undelivered (`close_session`) instead of
+                        # waiting out their leases.
+                        if written < len(messages):
+                            session.put_back(
+                                [a for _, sent in messages[written + 1 :] for a in sent]
+                            )
                 if reader.done() and (refusal := reader.result()) is not None:
                     raise refusal
             finally:
@@ -211,10 +229,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     async def _messages(
         self, session: Session, batch: list[ServerEventOut]
-    ) -> list[worker_pb2.ConnectResponse]:
-        """The batch as messages of at most `_batch_bytes` each (one event alone may be more)."""
-        messages: list[worker_pb2.ConnectResponse] = []
+    ) -> list[tuple[worker_pb2.ConnectResponse, list[AssignmentOut]]]:
+        """The batch as messages, each with the assignments it carries.
+
+        A message holds at most `_batch_bytes` of events, or one event alone if it is larger.
+        """
+        messages: list[tuple[worker_pb2.ConnectResponse, list[AssignmentOut]]] = []
         events: list[worker_pb2.ServerEvent] = []
+        assignments: list[AssignmentOut] = []
         size = 0
         for event in batch:
             proto = _server_event(event)
@@ -226,12 +248,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 proto = _server_event(replacement)
                 length = proto.ByteSize()
             if events and size + length > self._batch_bytes:
-                messages.append(worker_pb2.ConnectResponse(events=events))
-                events, size = [], 0
+                messages.append((worker_pb2.ConnectResponse(events=events), assignments))
+                events, assignments, size = [], [], 0
             events.append(proto)
+            if isinstance(event, AssignmentOut):
+                assignments.append(event)
             size += length
         if events:
-            messages.append(worker_pb2.ConnectResponse(events=events))
+            messages.append((worker_pb2.ConnectResponse(events=events), assignments))
         return messages
 
     async def _undeliverable(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import grpc
 import pytest
 
 from ergon_worker_sdk import Client, FlowStatus, Worker, flow, flow_type, schedule_timer, step
@@ -182,3 +183,55 @@ async def test_a_workers_messages_stay_under_its_clients_message_limit() -> None
                 assert (outcome.status, outcome.result) == (FlowStatus.COMPLETED, 900 * 1024)
         finally:
             await handle.shutdown()
+
+
+async def test_assignments_never_written_to_a_broken_stream_go_back_at_once() -> None:
+    """A batch split over several messages, the stream broken while writing the first: the
+    flows of the messages after it are given back, not left to their leases."""
+    from ergon_worker_sdk.proto.ergon.v1 import worker_pb2, worker_pb2_grpc
+
+    flows = 6
+    async with (
+        # A long lease: a flow back before it lapses was given back.
+        ErgonTestServer(
+            max_message_bytes=3 * MB,
+            max_payload_bytes=MB,
+            allow_unregistered_flow_types=True,
+            lease_ttl_ms=120_000,
+        ) as server,
+        server.client(max_message_bytes=3 * MB) as client,
+        # No BDP probing: the stream's window stays at 64 KiB, so a worker that does not read
+        # holds the server's first 0.9 MiB message half written.
+        grpc.aio.insecure_channel(
+            server.address,
+            options=[("grpc.http2.bdp_probe", 0), ("grpc.max_receive_message_length", 4 * MB)],
+        ) as channel,
+    ):
+        # Queued before the worker comes: its first claim takes them all (a quarter of its
+        # capacity), one message each (two would be over half the limit).
+        ids = await client.schedule_many([BigInput("x" * (900 * 1024)) for _ in range(flows)])
+        call = worker_pb2_grpc.WorkerServiceStub(channel).Connect()
+        register = worker_pb2.Register(
+            worker_id="never-reads", flow_types=["BigInput"], capacity=4 * flows, protocol_version=1
+        )
+        await call.write(
+            worker_pb2.ConnectRequest(events=[worker_pb2.WorkerEvent(register=register)])
+        )
+        first = await call.read()
+        assert isinstance(first, worker_pb2.ConnectResponse)
+        assert first.events[0].WhichOneof("event") == "registered"
+
+        async def all_running() -> bool:
+            return all([await _status(client, i, FlowStatus.RUNNING) for i in ids])
+
+        await eventually(all_running, within=30, what="all flows leased to the stream")
+        call.cancel()
+
+        async def given_back() -> bool:
+            statuses = [(await client.get(i)).status for i in ids]
+            return statuses.count(FlowStatus.PENDING) == flows - 1
+
+        # The first message may have reached the worker: its flow waits for its lease.
+        await eventually(given_back, within=20, what="the unwritten flows given back")
+        statuses = [(await client.get(i)).status for i in ids]
+        assert statuses.count(FlowStatus.RUNNING) == 1
