@@ -1519,8 +1519,6 @@ class BatchedStore:
         started = time.perf_counter()
         try:
             await self._run(batch)
-            if self._commit_observer is not None:
-                self._commit_observer(time.perf_counter() - started, len(batch))
         except ErgonError as error:
             if len(batch) == 1 or isinstance(error, StoreUnavailableError):
                 for command in batch:
@@ -1537,6 +1535,13 @@ class BatchedStore:
                 else:
                     command.resolve()
             return
+        if self._commit_observer is not None:
+            # The batch is committed whatever the observer does: it must neither re-run it
+            # nor stop the committer.
+            try:
+                self._commit_observer(time.perf_counter() - started, len(batch))
+            except Exception:
+                self._log.exception("the commit observer failed")
         if any(command.urgent for command in batch):
             for command in batch:
                 if command.urgent:

@@ -1235,6 +1235,26 @@ async def test_close_commits_queued_writes(backend: Backend) -> None:
         await second.close()
 
 
+async def test_a_failing_commit_observer_neither_fails_nor_repeats_a_write(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[int] = []
+
+    def observer(seconds: float, writes: int) -> None:
+        seen.append(writes)
+        raise RuntimeError("observer broke")
+
+    store.observe_commits(observer)
+    assert await store.schedule_flows([flow("f1")], T0) == [ScheduleResult("f1", CREATED)]
+    assert await store.schedule_flows([flow("f2")], T0) == [ScheduleResult("f2", CREATED)]
+    page = await store.list_flows([], None, 10, None)
+    assert sorted(f.flow_id for f in page.flows) == ["f1", "f2"]
+    # The memory store has no commits to report.
+    if seen:
+        assert seen == [1, 1]
+        assert "the commit observer failed" in caplog.text
+
+
 # --- SQLite machinery ----------------------------------------------------------------------
 
 
