@@ -1200,6 +1200,9 @@ class RegisterWaits(SimCommand[list[WaitResult]]):
         await sim.load_waits(pairs)
         results: list[WaitResult] = []
         for request in self.waits:
+            if request.flow_id not in sim.states:
+                # A child an earlier wait of this call created (`_new_wait` forgets it).
+                await sim.load([request.flow_id])
             state = sim.states.get(request.flow_id)
             if state is None:
                 results.append(WaitResult(WriteOutcome.NOT_FOUND))

@@ -535,6 +535,16 @@ async def test_register_waits_schedules_the_child(store: Store) -> None:
     ]
 
 
+async def test_a_wait_by_a_child_created_earlier_in_the_same_call_is_fenced(
+    store: Store,
+) -> None:
+    parent = await claim_one(store, "parent")
+    # No lease on the new child holds: its wait is refused as any stale lease is.
+    by_child = WaitRequest("child", 1, "t", EntryKind.TIMER, fire_at=T0 + 100)
+    results = await store.register_waits([child_wait(parent, "c", child()), by_child], T0)
+    assert results == [WaitResult(OK), WaitResult(LEASE_LOST)]
+
+
 async def test_child_completion_wakes_the_waiting_parent(store: Store) -> None:
     parent = await claim_one(store, "parent")
     await register(store, child_wait(parent, "c", child()), T0)
