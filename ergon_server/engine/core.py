@@ -849,7 +849,8 @@ class Engine:
                     self._notify(request.flow_id)
                 session.send(AckOut(event.seq, suspended=True))
             elif result.outcome is SuspendOutcome.RESUME:
-                session.send(AckOut(event.seq, entries=result.entries))
+                resumed = Lease(request.flow_id, request.lease_token)
+                session.send(AckOut(event.seq, entries=result.entries, resumed=resumed))
             else:
                 outcome = (
                     WriteOutcome.NOT_FOUND

@@ -133,6 +133,9 @@ class AckOut:
     fire_at_ms: int = 0
     server_time_ms: int = 0
     suspended: bool = False
+    # The flow whose suspend met satisfied waits (RESUME): `entries` are its, and may go to
+    # the worker as wakeups when they are too large together for one message.
+    resumed: Lease | None = None
 
     @classmethod
     def for_outcome(cls, seq: int, outcome: WriteOutcome, flow_id: str) -> AckOut:

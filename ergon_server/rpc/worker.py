@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -239,39 +240,45 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         assignments: list[AssignmentOut] = []
         size = 0
         for event in batch:
-            proto = _server_event(event)
-            length = proto.ByteSize()
-            if length > self._max_event_bytes:
-                replacement = await self._undeliverable(session, event, length)
-                if replacement is None:
-                    continue
-                proto = _server_event(replacement)
-                length = proto.ByteSize()
-            if events and size + length > self._batch_bytes:
-                messages.append((worker_pb2.ConnectResponse(events=events), assignments))
-                events, assignments, size = [], [], 0
-            events.append(proto)
-            if isinstance(event, AssignmentOut):
-                assignments.append(event)
-            size += length
+            sending = [_sized(event)]
+            if (length := sending[0][2]) > self._max_event_bytes:
+                sending = await self._undeliverable(session, event, length)
+            for sent, proto, length in sending:
+                if events and size + length > self._batch_bytes:
+                    messages.append((worker_pb2.ConnectResponse(events=events), assignments))
+                    events, assignments, size = [], [], 0
+                events.append(proto)
+                if isinstance(sent, AssignmentOut):
+                    assignments.append(sent)
+                size += length
         if events:
             messages.append((worker_pb2.ConnectResponse(events=events), assignments))
         return messages
 
     async def _undeliverable(
         self, session: Session, event: ServerEventOut, length: int
-    ) -> ServerEventOut | None:
-        """What to send instead of an event over the message limit (None: nothing).
+    ) -> list[tuple[ServerEventOut, worker_pb2.ServerEvent, int]]:
+        """What to send instead of an event over the message limit, each with proto and size.
 
         Sending it would end the stream, and the same event would come back after the
         reconnect: a flow too large to assign is parked instead (held and retried with
-        backoff, so a server with a larger limit runs it); an answer too large to send
-        refuses its event.
+        backoff, so a server with a larger limit runs it); a suspend's RESUME answer sends
+        its entries as wakeups, one event each, then itself without them; another answer
+        too large to send refuses its event.
         """
         limit = self._max_event_bytes
         if isinstance(event, AssignmentOut):
             await self._engine.park_undeliverable(event.flow, length, limit)
-            return None
+            return []
+        if isinstance(event, AckOut) and event.resumed is not None:
+            lease = event.resumed
+            parts: list[ServerEventOut] = [
+                WakeupOut(lease.flow_id, lease.lease_token, entry) for entry in event.entries
+            ]
+            parts.append(dataclasses.replace(event, entries=()))
+            split = [_sized(part) for part in parts]
+            if all(size <= limit for _, _, size in split):
+                return split
         error = ResourceExhaustedError(
             f"the server's answer is {length} bytes, over the {limit}-byte message limit "
             "(--max-message-bytes)",
@@ -279,8 +286,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         )
         log.error("worker %s: %s", session.worker_id, error.message)
         if isinstance(event, AckOut):
-            return AckOut.refusing(event.seq, error)
-        return None
+            return [_sized(AckOut.refusing(event.seq, error))]
+        return []
 
     # --- worker-poll: unary calls on the same engine path ---
 
@@ -525,6 +532,12 @@ def _step_record(result: worker_pb2.StepResult, limit: int) -> StepRecord:
         result=data,
         error=failure,
     )
+
+
+def _sized(event: ServerEventOut) -> tuple[ServerEventOut, worker_pb2.ServerEvent, int]:
+    """The event with its proto and the proto's size."""
+    proto = _server_event(event)
+    return event, proto, proto.ByteSize()
 
 
 def _server_event(event: ServerEventOut) -> worker_pb2.ServerEvent:

@@ -235,3 +235,100 @@ async def test_assignments_never_written_to_a_broken_stream_go_back_at_once() ->
         await eventually(given_back, within=20, what="the unwritten flows given back")
         statuses = [(await client.get(i)).status for i in ids]
         assert statuses.count(FlowStatus.RUNNING) == 1
+
+
+async def test_a_resume_too_large_for_one_message_comes_as_wakeups_then_its_ack() -> None:
+    """A suspend meeting four satisfied waits of 0.9 MiB each: 3.6 MiB of entries, over the
+    3 MiB limit in one ack, reach the worker as four wakeups before an ack without them."""
+    from ergon_worker_sdk.proto.ergon.v1 import (
+        common_pb2,
+        scheduler_pb2,
+        scheduler_pb2_grpc,
+        worker_pb2,
+        worker_pb2_grpc,
+    )
+
+    def events(*items: worker_pb2.WorkerEvent) -> worker_pb2.ConnectRequest:
+        return worker_pb2.ConnectRequest(events=list(items))
+
+    def payload(data: bytes) -> common_pb2.Payload:
+        return common_pb2.Payload(encoding="json/plain", data=data)
+
+    async with (
+        ErgonTestServer(
+            max_message_bytes=3 * MB, max_payload_bytes=MB, allow_unregistered_flow_types=True
+        ) as server,
+        grpc.aio.insecure_channel(
+            server.address, options=[("grpc.max_receive_message_length", 4 * MB)]
+        ) as channel,
+    ):
+        call = worker_pb2_grpc.WorkerServiceStub(channel).Connect()
+        register = worker_pb2.Register(
+            worker_id="raw", flow_types=["Parent", "Kid"], capacity=10, protocol_version=1
+        )
+        await call.write(events(worker_pb2.WorkerEvent(register=register)))
+        received: list[worker_pb2.ServerEvent] = []
+
+        async def read_until(done: object) -> list[worker_pb2.ServerEvent]:
+            """Read events until `done(events read so far)`; return those."""
+            start = len(received)
+            while not done(received[start:]):  # type: ignore[operator]
+                response = await call.read()
+                assert isinstance(response, worker_pb2.ConnectResponse)
+                received.extend(response.events)
+            return received[start:]
+
+        def kinds(found: list[worker_pb2.ServerEvent], kind: str) -> list[worker_pb2.ServerEvent]:
+            return [e for e in found if e.WhichOneof("event") == kind]
+
+        await read_until(lambda found: kinds(found, "registered"))
+        await scheduler_pb2_grpc.SchedulerServiceStub(channel).ScheduleFlow(
+            scheduler_pb2.ScheduleFlowRequest(flow_id="p", flow_type="Parent", input=payload(b"0"))
+        )
+        (assignment,) = kinds(await read_until(lambda f: kinds(f, "assignment")), "assignment")
+        token = assignment.assignment.lease_token
+        keys = [f"c{n}" for n in range(4)]
+        await call.write(
+            events(
+                *[
+                    worker_pb2.WorkerEvent(
+                        seq=seq,
+                        wait=worker_pb2.WaitRequest(
+                            flow_id="p",
+                            lease_token=token,
+                            key=key,
+                            child=worker_pb2.ChildWait(
+                                child_flow_id=f"p/{key}", flow_type="Kid", input=payload(b"0")
+                            ),
+                        ),
+                    )
+                    for seq, key in enumerate(keys, start=1)
+                ]
+            )
+        )
+        found = await read_until(
+            lambda f: len(kinds(f, "ack")) == 4 and len(kinds(f, "assignment")) == 4
+        )
+        assert all(a.ack.code == 0 and not a.ack.entries for a in kinds(found, "ack"))
+        result = payload(b'"' + b"r" * (900 * 1024) + b'"')
+        for seq, kid in enumerate(kinds(found, "assignment"), start=5):
+            done = worker_pb2.FlowCompleted(
+                flow_id=kid.assignment.flow_id,
+                lease_token=kid.assignment.lease_token,
+                result=result,
+            )
+            await call.write(events(worker_pb2.WorkerEvent(seq=seq, flow_completed=done)))
+        # Each child's end wakes the parent's wait (one event each).
+        await read_until(lambda f: len(kinds(f, "ack")) == 4 and len(kinds(f, "wakeup")) == 4)
+
+        # The worker missed those wakeups, say: it suspends on all four.
+        suspend = worker_pb2.Suspend(flow_id="p", lease_token=token, open_keys=keys)
+        await call.write(events(worker_pb2.WorkerEvent(seq=9, suspend=suspend)))
+        found = await read_until(lambda f: any(a.ack.seq == 9 for a in kinds(f, "ack")))
+        (ack,) = [a.ack for a in kinds(found, "ack") if a.ack.seq == 9]
+        assert (ack.code, ack.suspended, len(ack.entries)) == (0, False, 0)
+        wakeups = [w.wakeup for w in kinds(found, "wakeup")]
+        assert sorted(w.entry.key for w in wakeups) == keys
+        assert all(w.flow_id == "p" and w.lease_token == token for w in wakeups)
+        assert all(w.entry.result == result for w in wakeups)
+        call.cancel()

@@ -536,7 +536,8 @@ class Ack(_message.Message):
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.JournalEntry]:
         """For a wait: its entry when already satisfied. For a suspend refused with RESUME: the
-        entries of the satisfied waits.
+        entries of the satisfied waits; when they are too large together for one message, they
+        come instead as wakeups, one each, before this ack, which then has none.
         """
 
     def __init__(
