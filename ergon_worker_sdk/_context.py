@@ -407,6 +407,10 @@ class FlowContext:
         ack = await self._record(worker_pb2.WorkerEvent(wait=request))
         if ack.entries:
             return self._satisfied(ack.entries[0])
+        # A wakeup read between the ack and this task's resuming found no future to resolve.
+        early = self._entries.get(key)
+        if early is not None:
+            return self._satisfied(early)
         future: asyncio.Future[common_pb2.JournalEntry] = asyncio.get_running_loop().create_future()
         waits = self._step_waits if in_step else self._open
         waits[key] = future

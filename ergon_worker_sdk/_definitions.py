@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import random
 import typing
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,10 @@ FLOW_ATTR = "__ergon_flow__"
 STEP_ATTR = "__ergon_step__"
 
 
+# Where the delays of a policy without `max_delay_ms` stop growing.
+UNCAPPED_DELAY_MS = 24 * 3600 * 1000
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How a failed step (or flow) is retried.
@@ -34,7 +39,8 @@ class RetryPolicy:
     Attributes:
         max_attempts: total attempts, the first included; 1 means no retry.
         initial_delay_ms: delay before the second attempt.
-        max_delay_ms: the longest delay between attempts (0: no cap).
+        max_delay_ms: the longest delay between attempts (0: no cap, though delays stop
+            growing at a day).
         backoff_multiplier: each delay is the previous one times this.
         non_retryable_errors: exception types (or their names) never retried; subclasses of
             `NonRetryableError` never are either.
@@ -102,11 +108,14 @@ class RetryPolicy:
         )
 
     def delay_ms(self, attempt: int) -> int:
-        """The delay after attempt number `attempt` failed (with up to 10% jitter)."""
-        delay = self.initial_delay_ms * self.backoff_multiplier ** max(0, attempt - 1)
-        if self.max_delay_ms:
-            delay = min(delay, self.max_delay_ms)
-        return int(delay * (1 + random.random() * 0.1))
+        """The delay after attempt number `attempt` failed: up to 10% jitter, never over the cap."""
+        try:
+            delay = self.initial_delay_ms * self.backoff_multiplier ** max(0, attempt - 1)
+        except OverflowError:
+            # A policy retrying for ever reaches this after about a thousand attempts.
+            delay = math.inf
+        delay *= 1 + random.random() * 0.1
+        return int(min(delay, self.max_delay_ms or UNCAPPED_DELAY_MS))
 
 
 RetryPolicy.NONE = RetryPolicy()

@@ -274,7 +274,9 @@ class WorkerStream:
             # Everything not yet acknowledged goes again, in order, on the new stream.
             self._queue = [event for _, (event, _) in sorted(self._pending.items())]
             if self.capacity != register.capacity:
-                self.set_capacity(self.capacity)
+                # Changed while registering (`stop_assignments` during a reconnect): `send`
+                # would drop it, the stream not being marked connected yet.
+                self._enqueue(_capacity_event(self.capacity))
             self._queue_ready.set()
             self.connected.set()
             log.info(

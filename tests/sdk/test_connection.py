@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
 
 from ergon_worker_sdk import Client, ServerUnavailableError
 from ergon_worker_sdk._client import channel_target
+from ergon_worker_sdk._session import WorkerStream
+from ergon_worker_sdk.proto.ergon.v1 import worker_pb2
 from ergon_worker_sdk.testing import ErgonTestServer
+from tests.support.processes import eventually
 from tests.support.proxy import Mode, TcpProxy
 
 
@@ -54,3 +58,60 @@ def test_several_addresses_are_ip_literals_of_one_family() -> None:
             Client(bad)
     with pytest.raises(ValueError, match="no server address"):
         Client([])
+
+
+class _StopsWhenRegistered:
+    """A stream handler that stops assignments as its session registers (a drain that began
+    while the worker was reconnecting), and records what it is given."""
+
+    def __init__(self) -> None:
+        self.stream: WorkerStream | None = None
+        self.assigned: list[str] = []
+
+    def held_leases(self) -> list[worker_pb2.HeldLease]:
+        return []
+
+    def on_registered(self, reattached: set[str]) -> None:
+        assert self.stream is not None
+        assert self.stream.stop_assignments() is None  # no session is open yet
+
+    def on_assignment(self, assignment: worker_pb2.Assignment) -> None:
+        self.assigned.append(assignment.flow_id)
+
+    def on_revoke(self, revoke: worker_pb2.Revoke) -> None:
+        pass
+
+    def on_wakeup(self, wakeup: worker_pb2.Wakeup) -> None:
+        pass
+
+    def on_lease_ended(self, flow_id: str, lease_token: int) -> None:
+        pass
+
+    def on_cancel_requested(self, cancel: worker_pb2.CancelRequested) -> None:
+        pass
+
+
+async def test_a_capacity_change_made_while_registering_reaches_the_server() -> None:
+    async with (
+        ErgonTestServer(allow_unregistered_flow_types=True) as server,
+        server.client() as client,
+    ):
+        handler = _StopsWhenRegistered()
+        stream = WorkerStream(lambda: client.channel, "draining", ["Late"], 4, handler)
+        handler.stream = stream
+        running = asyncio.create_task(stream.run())
+        try:
+            await asyncio.wait_for(stream.connected.wait(), 10)
+
+            async def capacity_zero() -> bool:
+                return [w.capacity for w in await client.workers()] == [0]
+
+            await eventually(capacity_zero, within=10, what="the server to see capacity 0")
+            await client.schedule_type("Late", {})
+            await asyncio.sleep(0.3)
+            assert handler.assigned == []
+        finally:
+            await stream.close(timeout_s=1)
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running

@@ -99,7 +99,11 @@ def test_retry_policy() -> None:
     assert not policy.should_retry(ValueError(), 1)
     assert not policy.should_retry(NonRetryableError(), 1)
     assert 100 <= policy.delay_ms(1) <= 110
-    assert 250 <= policy.delay_ms(5) <= 275
+    # Jitter never takes a delay over its cap.
+    assert all(policy.delay_ms(5) == 250 for _ in range(50))
+    # A policy retrying for ever: past float range, delays stay at the cap (a day without one).
+    assert policy.delay_ms(5_000) == 250
+    assert RetryPolicy(max_delay_ms=0).delay_ms(5_000) == 24 * 3600 * 1000
     assert RetryPolicy.STANDARD.max_attempts == 3 and RetryPolicy.AGGRESSIVE.max_attempts == 10
     with pytest.raises(ValueError):
         RetryPolicy(max_attempts=0)

@@ -520,3 +520,31 @@ async def test_a_new_wait_is_not_sent_while_a_suspend_is_in_flight() -> None:
     await asyncio.sleep(SETTLE_S * 4)
     assert sent[2:4] == ["suspend answered", "wait signal:go#2"]
     flow_task.cancel()
+
+
+# --- orderings the stream can produce ------------------------------------------------------
+
+
+async def test_a_wakeup_read_before_its_wait_resumes_is_not_lost() -> None:
+    """The stream's reader takes a wait's ack and, before the waiting task resumes, the wakeup
+    right behind it: the wait returns that entry instead of waiting for ever."""
+    satisfied = common_pb2.JournalEntry(
+        key="signal:go#1",
+        kind=common_pb2.ENTRY_KIND_SIGNAL,
+        status=common_pb2.ENTRY_STATUS_COMPLETED,
+        result=common_pb2.Payload(encoding="json/plain", data=b'"yes"'),
+    )
+
+    async def record(event: worker_pb2.WorkerEvent) -> worker_pb2.Ack:
+        assert event.wait.key == "signal:go#1"
+        context.on_wakeup(satisfied)
+        return worker_pb2.Ack()
+
+    context = make_context(record, "f")
+
+    def fill(request: worker_pb2.WaitRequest) -> None:
+        request.signal.name = "go"
+
+    async with asyncio.timeout(5):
+        entry = await context.wait("signal:go", fill)
+    assert entry == satisfied
