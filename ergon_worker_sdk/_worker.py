@@ -33,7 +33,8 @@ log = logging.getLogger("ergon_worker_sdk.worker")
 class _Running:
     lease_token: int
     task: asyncio.Task[None]
-    context: FlowContext | None = None
+    # Made with the task, so a cancel or wakeup read before the task starts reaches it.
+    context: FlowContext
 
 
 class Worker:
@@ -118,8 +119,7 @@ class Worker:
             log.info("lease on flow %s was not re-attached; dropping it here", flow_id)
             self._drop(flow_id)
         for running in self._running.values():
-            if running.context is not None:
-                running.context.resync()
+            running.context.resync()
 
     def on_assignment(self, assignment: worker_pb2.Assignment) -> None:
         """Start running an assigned flow (or, while shutting down, give it back)."""
@@ -131,8 +131,11 @@ class Worker:
             if existing.lease_token == assignment.lease_token:
                 return
             self._drop(assignment.flow_id)
-        task = asyncio.create_task(self._execute(assignment), name=f"flow-{assignment.flow_id}")
-        self._running[assignment.flow_id] = _Running(assignment.lease_token, task)
+        context = self._context(assignment)
+        task = asyncio.create_task(
+            self._execute(assignment, context), name=f"flow-{assignment.flow_id}"
+        )
+        self._running[assignment.flow_id] = _Running(assignment.lease_token, task, context)
         self.max_running = max(self.max_running, len(self._running))
 
     def on_revoke(self, revoke: worker_pb2.Revoke) -> None:
@@ -145,7 +148,7 @@ class Worker:
     def on_wakeup(self, wakeup: worker_pb2.Wakeup) -> None:
         """Hand a satisfied wait to the flow waiting for it."""
         running = self._running.get(wakeup.flow_id)
-        if running is not None and running.lease_token == wakeup.lease_token and running.context:
+        if running is not None and running.lease_token == wakeup.lease_token:
             running.context.on_wakeup(wakeup.entry)
 
     def on_lease_ended(self, flow_id: str, lease_token: int) -> None:
@@ -157,7 +160,7 @@ class Worker:
     def on_cancel_requested(self, cancel: worker_pb2.CancelRequested) -> None:
         """Tell a running flow it was cancelled: it stops at its next step or wait."""
         running = self._running.get(cancel.flow_id)
-        if running is not None and running.lease_token == cancel.lease_token and running.context:
+        if running is not None and running.lease_token == cancel.lease_token:
             log.info("flow %s: cancel requested (%s)", cancel.flow_id, cancel.reason)
             running.context.request_cancel()
 
@@ -180,12 +183,8 @@ class Worker:
             raise RuntimeError("the worker is not running")
         return self._stream
 
-    async def _execute(self, assignment: worker_pb2.Assignment) -> None:
+    async def _execute(self, assignment: worker_pb2.Assignment, context: FlowContext) -> None:
         flow_id, token = assignment.flow_id, assignment.lease_token
-        context = self._context(assignment)
-        running = self._running.get(flow_id)
-        if running is not None and running.lease_token == token:
-            running.context = context
         context.task = asyncio.current_task()
         try:
             with self._tracer.span(

@@ -311,6 +311,38 @@ async def test_cancelling_a_running_flow_stops_it_on_the_worker(client: Client) 
     assert (await client.get(flow_id)).status is FlowStatus.CANCELLED
 
 
+async def test_a_cancel_read_before_the_flows_task_starts_still_stops_it(client: Client) -> None:
+    """An assignment and a cancel in one stream message: the cancel is handled before the
+    flow's task has run at all, and must still stop it at its first step."""
+    from ergon_worker_sdk.proto.ergon.v1 import worker_pb2, worker_pb2_grpc
+
+    _, registers = await start(client, Pausing, name="registers-the-type")
+    await registers.shutdown()
+    flow_id = await client.schedule(Pausing(3))
+    # Leased through a poll, so the test hands the assignment to the worker itself.
+    polled = await worker_pb2_grpc.WorkerServiceStub(client.channel).PollTask(
+        worker_pb2.PollTaskRequest(
+            worker_id="hand", flow_types=["Pausing"], protocol_version=1, timeout_ms=5_000
+        )
+    )
+    assignment = polled.assignment
+    assert assignment.flow_id == flow_id
+    await client.cancel(flow_id, reason="changed our mind")
+    worker, handle = await start(client, Pausing)
+    try:
+        worker.on_assignment(assignment)
+        worker.on_cancel_requested(
+            worker_pb2.CancelRequested(
+                flow_id=flow_id, lease_token=assignment.lease_token, reason="changed our mind"
+            )
+        )
+        cancelled = await client.wait(flow_id, timeout=10)
+        assert cancelled.status is FlowStatus.CANCELLED
+        assert "reserve" not in RUNS
+    finally:
+        await handle.shutdown()
+
+
 async def test_start_at_delays_the_flow(client: Client) -> None:
     import datetime
 
