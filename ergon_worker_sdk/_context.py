@@ -236,7 +236,12 @@ class FlowContext:
                 return self.converter.from_payload(entry.result, definition.return_hint)
             if entry.status == common_pb2.ENTRY_STATUS_FAILED:
                 self.steps_replayed += 1
-                raise StepFailedError(key, entry.error.type, entry.error.message)
+                raise StepFailedError(
+                    key,
+                    entry.error.type,
+                    entry.error.message,
+                    non_retryable=entry.error.non_retryable,
+                )
             attempts = entry.attempts
         self._boundary()
         if self._unacked:
@@ -283,7 +288,9 @@ class FlowContext:
                     await self._record(
                         self._step_event(key, digest, attempts, elapsed_ms, failure=failure)
                     )
-                    raise StepFailedError(key, failure.type, failure.message) from error
+                    raise StepFailedError(
+                        key, failure.type, failure.message, non_retryable=failure.non_retryable
+                    ) from error
                 finally:
                     _STEP.reset(scope)
                 elapsed_ms = round((time.perf_counter() - started) * 1000)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, ParamSpec, TypeVar, overload
 
 from ergon_worker_sdk._context import current_context
-from ergon_worker_sdk.errors import NonRetryableError
+from ergon_worker_sdk.errors import ChildFlowError, NonRetryableError, StepFailedError
 from ergon_worker_sdk.proto.ergon.v1 import common_pb2
 
 P = ParamSpec("P")
@@ -70,10 +70,22 @@ class RetryPolicy:
         return tuple(t if isinstance(t, str) else t.__name__ for t in self.non_retryable_errors)
 
     def is_retryable(self, error: BaseException) -> bool:
-        """Whether this error may be retried at all."""
+        """Whether this error may be retried at all.
+
+        A failed step or child flow raised into a flow is judged by the error it carries: its
+        own non-retryable verdict, and its error's type name against this policy's list.
+        """
         if isinstance(error, NonRetryableError):
             return False
         names = {cls.__name__ for cls in type(error).__mro__}
+        if isinstance(error, StepFailedError):
+            if error.non_retryable:
+                return False
+            names.add(error.error_type)
+        elif isinstance(error, ChildFlowError):
+            if not error.retryable:
+                return False
+            names.add(error.type_name)
         for kind in self.non_retryable_errors:
             if isinstance(kind, str):
                 if kind in names:

@@ -21,7 +21,6 @@ from ergon_worker_sdk.errors import (
     HistoryMismatchError,
     LeaseLostError,
     RpcError,
-    StepFailedError,
 )
 from ergon_worker_sdk.proto.ergon.v1 import common_pb2, worker_pb2
 from ergon_worker_sdk.tracing import Tracer
@@ -263,13 +262,8 @@ class Worker:
             except Exception as error:
                 policy = self._flow_policy(assignment, definition)
                 delay = 0
-                if (
-                    policy.should_retry(error, context.attempt)
-                    and not isinstance(error, FlowCancelledError)
-                    and not (
-                        isinstance(error, StepFailedError)
-                        and error.error_type in policy.error_type_names
-                    )
+                if policy.should_retry(error, context.attempt) and not isinstance(
+                    error, FlowCancelledError
                 ):
                     delay = max(1, policy.delay_ms(context.attempt))
                 # The end of the flow comes after every step result it saw, as always.

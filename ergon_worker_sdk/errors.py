@@ -125,13 +125,19 @@ class StepFailedError(ErgonError):
         step_key: the step's journal key ("name#occurrence").
         error_type: the type name of the step's exception.
         message: the exception's message.
+        non_retryable: whether the step's error was one its retry policy never retries (a
+            `NonRetryableError`, a listed type): a flow retry would fail the same way, so
+            the flow's own retry policy does not retry it either.
     """
 
-    def __init__(self, step_key: str, error_type: str, message: str) -> None:
+    def __init__(
+        self, step_key: str, error_type: str, message: str, *, non_retryable: bool = False
+    ) -> None:
         super().__init__(f"step {step_key} failed: {error_type}: {message}")
         self.step_key = step_key
         self.error_type = error_type
         self.message = message
+        self.non_retryable = non_retryable
 
 
 class ChildFlowError(ErgonError):
@@ -140,7 +146,8 @@ class ChildFlowError(ErgonError):
     Attributes:
         type_name: the type name of the child's error.
         message: the child's error message.
-        retryable: whether the child's error was retryable.
+        retryable: whether the child's error was retryable (the parent's retry policy
+            does not retry the parent for a child's non-retryable error).
     """
 
     def __init__(self, type_name: str, message: str, retryable: bool) -> None:

@@ -269,6 +269,47 @@ async def test_non_retryable_flow_error_fails_at_once(client: Client) -> None:
     assert RUNS == {"run": 1}
 
 
+class CardDeclined(NonRetryableError):
+    pass
+
+
+@dataclass
+@flow_type
+class DeclinedStep:
+    tag: str
+
+    @step
+    async def charge(self) -> str:
+        ran("charge")
+        raise CardDeclined("card declined")
+
+    @step(
+        retry_policy=RetryPolicy(
+            max_attempts=2, initial_delay_ms=1, non_retryable_errors=("KeyError",)
+        )
+    )
+    async def look_up(self) -> str:
+        ran("look_up")
+        raise KeyError("no such customer")
+
+    @flow(retry_policy=RetryPolicy(max_attempts=4, initial_delay_ms=1))
+    async def run(self) -> str:
+        if self.tag == "charge":
+            return await self.charge()
+        return await self.look_up()
+
+
+@pytest.mark.parametrize("tag", ["charge", "look_up"])
+async def test_a_steps_non_retryable_error_is_not_retried_by_the_flows_policy(
+    client: Client, tag: str
+) -> None:
+    _, handle = await start(client, DeclinedStep)
+    outcome = await client.wait(await client.schedule(DeclinedStep(tag)), timeout=10)
+    await handle.shutdown()
+    assert (outcome.status, outcome.attempt) == (FlowStatus.FAILED, 1)
+    assert dict(RUNS) == {tag: 1}
+
+
 @dataclass
 @flow_type
 class Parallel:
