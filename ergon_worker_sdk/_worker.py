@@ -202,15 +202,27 @@ class Worker:
             if context.suspended:
                 log.debug("flow %s suspended until a wait is satisfied", flow_id)
         except RpcError as error:
-            log.error("flow %s: the server refused its outcome: %s", flow_id, error)
-            self._give_back(flow_id, token)
-        except Exception:
-            log.exception("flow %s: the worker failed running it; giving it back", flow_id)
-            self._give_back(flow_id, token)
+            log.error("flow %s: the server refused its outcome; parking it: %s", flow_id, error)
+            self._park_soon(flow_id, token, error)
+        except Exception as error:
+            log.exception("flow %s: the worker failed running it; parking it", flow_id)
+            self._park_soon(flow_id, token, error)
         finally:
             running = self._running.get(flow_id)
             if running is not None and running.lease_token == token:
                 del self._running[flow_id]
+
+    def _park_soon(self, flow_id: str, lease_token: int, error: BaseException) -> None:
+        # Not given back: it would come straight back to fail the same way, in a loop. Parked,
+        # the server retries it with a growing delay (and `ergon flows show` gives the error).
+        if self._stream is None:
+            return
+        failure = failure_from_exception(error)
+        failure.reason = "WORKER_ERROR"
+        park = worker_pb2.Park(flow_id=flow_id, lease_token=lease_token, failure=failure)
+        task = self._stream.request_soon(worker_pb2.WorkerEvent(park=park))
+        # Refused when the lease moved on meanwhile: nothing is left to do here then.
+        task.add_done_callback(ignore_refusal)
 
     def _give_back(self, flow_id: str, lease_token: int) -> None:
         # The flow stopped here without an end the server took: its lease would otherwise be
@@ -267,7 +279,14 @@ class Worker:
                 ):
                     delay = max(1, policy.delay_ms(context.attempt))
                 # The end of the flow comes after every step result it saw, as always.
-                await context.settle()
+                try:
+                    await context.settle()
+                except LeaseLostError:
+                    raise
+                except RpcError as refused:
+                    # A step result the server will not take (over its payload limit, say):
+                    # run again, the step would only make it again.
+                    error, delay = refused, 0
                 await self._fail(assignment, error, "", retry_delay_ms=delay)
                 return
         finally:

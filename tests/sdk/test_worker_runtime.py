@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -24,6 +24,10 @@ from ergon_worker_sdk.testing import ErgonTestServer
 from tests.support.processes import eventually
 from tests.support.proxy import Mode, TcpProxy
 from tests.support.sdk import start
+
+if TYPE_CHECKING:
+    # Imported for type checkers only: resolving the annotation at run time fails.
+    from decimal import Decimal
 
 RUNS: dict[str, int] = {}
 GATE: dict[str, asyncio.Event] = {}
@@ -513,3 +517,68 @@ async def test_a_worker_that_reconnects_while_stopping_still_delivers_its_flows(
                 outcome = await client.wait(flow_id, timeout=10)
                 assert (outcome.status, outcome.result) == (FlowStatus.COMPLETED, "5:passed")
                 assert RUNS["wait_here"] == 1
+
+
+@dataclass
+@flow_type
+class UnresolvableInput:
+    amount: Decimal
+
+    @flow
+    async def run(self) -> str:
+        ran("run")
+        return "never"
+
+
+async def test_a_flow_the_worker_cannot_even_start_is_parked_not_given_back_in_a_loop(
+    client: Client,
+) -> None:
+    _, handle = await start(client, UnresolvableInput)
+    try:
+        flow_id = await client.schedule_type("UnresolvableInput", {"amount": 3})
+
+        async def parked() -> bool:
+            record = await client.get(flow_id)
+            return record.error is not None and record.error.reason == "WORKER_ERROR"
+
+        await eventually(parked, within=10, what="the flow parked with the worker's error")
+        record = await client.get(flow_id)
+        assert record.status is FlowStatus.PENDING
+        assert record.error is not None and record.error.type == "NameError"
+        assert "run" not in RUNS
+    finally:
+        await handle.shutdown()
+
+
+@dataclass
+@flow_type
+class RefusedResultThenError:
+    size: int
+
+    @step
+    async def produce(self) -> str:
+        ran("produce")
+        return "r" * self.size
+
+    @flow
+    async def run(self) -> str:
+        await self.produce()
+        raise ValueError("the flow fails after its step")
+
+
+async def test_a_refused_step_result_fails_the_flow_instead_of_rerunning_it() -> None:
+    # The worker's payload limit is above the server's: the server refuses the step's result.
+    async with (
+        ErgonTestServer(max_payload_bytes=1_000) as server,
+        server.client() as client,
+    ):
+        _, handle = await start(client, RefusedResultThenError)
+        try:
+            outcome = await client.wait(
+                await client.schedule(RefusedResultThenError(5_000)), timeout=10
+            )
+        finally:
+            await handle.shutdown()
+    assert outcome.status is FlowStatus.FAILED
+    assert outcome.error is not None and outcome.error.type == "PayloadTooLargeError"
+    assert dict(RUNS) == {"produce": 1}
