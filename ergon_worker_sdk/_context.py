@@ -170,6 +170,9 @@ class FlowContext:
         self._no_suspend_in_flight = asyncio.Event()
         self._no_suspend_in_flight.set()
         self._background: set[asyncio.Task[None]] = set()
+        # Tasks of the flow's own (gathered steps, raced waits) that called into it, besides
+        # `task`: stopped with the flow, so no step body outlives the flow's end.
+        self._branches: set[asyncio.Task[Any]] = set()
         self.suspended = False
         self.cancel_requested = CANCEL_KEY in self._entries
         self._cancel_delivered = False
@@ -183,6 +186,33 @@ class FlowContext:
     def deactivate(token: contextvars.Token[FlowContext | None]) -> None:
         """Restore the context that was current before `activate`."""
         _CURRENT.reset(token)
+
+    def _track_branch(self) -> None:
+        task = asyncio.current_task()
+        if task is not None and task is not self.task and task not in self._branches:
+            self._branches.add(task)
+            task.add_done_callback(self._branches.discard)
+
+    def cancel_branches(self) -> list[asyncio.Task[Any]]:
+        """Cancel the flow's other tasks still running; returns them."""
+        running = [task for task in self._branches if not task.done()]
+        for task in running:
+            task.cancel()
+        return running
+
+    async def stop_branches(self, timeout_s: float = 5.0) -> None:
+        """Cancel the flow's other tasks and wait (bounded) until they have stopped.
+
+        The flow's end must not leave a step body running: its result would be refused,
+        and a retry of the flow would run the same step beside it.
+        """
+        running = self.cancel_branches()
+        if running:
+            _, stuck = await asyncio.wait(running, timeout=timeout_s)
+            if stuck:
+                log.warning(
+                    "flow %s: %d of its tasks ignored cancellation", self.flow_id, len(stuck)
+                )
 
     def next_key(self, name: str) -> str:
         """The deterministic key of the next call of `name` at flow level."""
@@ -220,6 +250,7 @@ class FlowContext:
         if _STEP.get() is not None:
             # A step called from inside another step is part of that step's body.
             return await definition.function(instance, *args, **kwargs)
+        self._track_branch()
         key = self.next_key(definition.name)
         digest = args_hash(self.converter, args, kwargs)
         entry = self._entries.get(key)
@@ -398,6 +429,7 @@ class FlowContext:
         in_step: bool = False,
     ) -> common_pb2.JournalEntry:
         """Wait under a key the caller chose (see `wait`)."""
+        self._track_branch()
         entry = self._entries.get(key)
         if entry is not None:
             self._consumed.add(key)

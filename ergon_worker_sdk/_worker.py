@@ -208,6 +208,8 @@ class Worker:
             log.exception("flow %s: the worker failed running it; parking it", flow_id)
             self._park_soon(flow_id, token, error)
         finally:
+            # Suspended, dropped or failed here: what the flow left running stops with it.
+            context.cancel_branches()
             running = self._running.get(flow_id)
             if running is not None and running.lease_token == token:
                 del self._running[flow_id]
@@ -257,7 +259,10 @@ class Worker:
                 await self._fail(assignment, error, "MALFORMED_INPUT", retry_delay_ms=0)
                 return
             try:
-                result = await getattr(instance, definition.method_name)()
+                try:
+                    result = await getattr(instance, definition.method_name)()
+                finally:
+                    await context.stop_branches()
                 payload = self.client.payload(result)
                 unreplayed = context.unreplayed_steps()
                 if unreplayed:

@@ -582,3 +582,38 @@ async def test_a_refused_step_result_fails_the_flow_instead_of_rerunning_it() ->
     assert outcome.status is FlowStatus.FAILED
     assert outcome.error is not None and outcome.error.type == "PayloadTooLargeError"
     assert dict(RUNS) == {"produce": 1}
+
+
+@dataclass
+@flow_type
+class GatherOneFails:
+    tag: str
+
+    @step
+    async def boom(self) -> None:
+        raise RuntimeError("boom")
+
+    @step
+    async def charge(self) -> str:
+        ran("charge started")
+        await asyncio.sleep(0.3)
+        ran("charge finished")
+        return "charged"
+
+    @flow(retry_policy=RetryPolicy(max_attempts=2, initial_delay_ms=1))
+    async def run(self) -> None:
+        await asyncio.gather(self.boom(), self.charge())
+
+
+async def test_a_flows_end_stops_the_step_bodies_it_left_running(client: Client) -> None:
+    """gather() raises the first failure and leaves its other steps running: the flow's end
+    (and its retry) must not have an old attempt's step body running beside it."""
+    _, handle = await start(client, GatherOneFails)
+    try:
+        outcome = await client.wait(await client.schedule(GatherOneFails("x")), timeout=10)
+        assert (outcome.status, outcome.attempt) == (FlowStatus.FAILED, 2)
+        # Longer than a charge takes: a body left running would have finished by now.
+        await asyncio.sleep(0.6)
+    finally:
+        await handle.shutdown()
+    assert dict(RUNS) == {"charge started": 2}
