@@ -162,6 +162,8 @@ class FlowContext:
         self._unacked: dict[str, asyncio.Task[worker_pb2.Ack]] = {}
         self._inflight = 0
         self._activity = 0
+        # The first step result the server refused (see `settle`).
+        self.refusal: RpcError | None = None
         self._suspending = False
         # Set while no suspend is in flight: new waits wait for its answer, so the server sees a
         # flow's suspends and waits in the order the flow made them. (A suspend sent again
@@ -391,6 +393,14 @@ class FlowContext:
             key, task = next(iter(self._unacked.items()))
             try:
                 await task
+            except LeaseLostError:
+                raise
+            except RpcError as error:
+                # Kept: the flow's code may catch it where it surfaces (the next step), but the
+                # flow must not end as if the result were recorded.
+                if self.refusal is None:
+                    self.refusal = error
+                raise
             finally:
                 if self._unacked.get(key) is task:
                     del self._unacked[key]

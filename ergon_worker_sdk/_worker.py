@@ -21,6 +21,7 @@ from ergon_worker_sdk.errors import (
     HistoryMismatchError,
     LeaseLostError,
     RpcError,
+    ServerUnavailableError,
 )
 from ergon_worker_sdk.proto.ergon.v1 import common_pb2, worker_pb2
 from ergon_worker_sdk.tracing import Tracer
@@ -263,6 +264,9 @@ class Worker:
                     result = await getattr(instance, definition.method_name)()
                 finally:
                     await context.stop_branches()
+                if context.refusal is not None:
+                    # The flow caught it, but a step it ran is not recorded: it cannot end so.
+                    raise context.refusal
                 payload = self.client.payload(result)
                 unreplayed = context.unreplayed_steps()
                 if unreplayed:
@@ -288,10 +292,16 @@ class Worker:
                     await context.settle()
                 except LeaseLostError:
                     raise
-                except RpcError as refused:
+                except RpcError:
+                    pass  # kept in `context.refusal`
+                refusal = context.refusal
+                if isinstance(refusal, ServerUnavailableError):
+                    # Not the flow's fault: it runs again (parked, see `_execute`).
+                    raise refusal from error
+                if refusal is not None:
                     # A step result the server will not take (over its payload limit, say):
                     # run again, the step would only make it again.
-                    error, delay = refused, 0
+                    error, delay = refusal, 0
                 await self._fail(assignment, error, "", retry_delay_ms=delay)
                 return
         finally:

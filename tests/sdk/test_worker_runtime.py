@@ -617,3 +617,45 @@ async def test_a_flows_end_stops_the_step_bodies_it_left_running(client: Client)
     finally:
         await handle.shutdown()
     assert dict(RUNS) == {"charge started": 2}
+
+
+@dataclass
+@flow_type
+class CatchesARefusal:
+    size: int
+
+    @step
+    async def charge(self) -> str:
+        ran("charge")
+        return "r" * self.size
+
+    @step
+    async def notify(self) -> None:
+        ran("notify")
+
+    @flow
+    async def run(self) -> str:
+        await self.charge()
+        try:
+            await self.notify()  # where the refusal of charge's result surfaces
+        except Exception:
+            ran("caught")
+        return "done"
+
+
+async def test_a_flow_that_catches_a_refused_step_result_still_does_not_complete() -> None:
+    async with (
+        ErgonTestServer(max_payload_bytes=1_000) as server,
+        server.client() as client,
+    ):
+        _, handle = await start(client, CatchesARefusal)
+        try:
+            flow_id = await client.schedule(CatchesARefusal(5_000))
+            outcome = await client.wait(flow_id, timeout=10)
+            history = await client.history(flow_id)
+        finally:
+            await handle.shutdown()
+    assert outcome.status is FlowStatus.FAILED
+    assert outcome.error is not None and outcome.error.type == "PayloadTooLargeError"
+    assert history == []
+    assert dict(RUNS) == {"charge": 1, "caught": 1}
