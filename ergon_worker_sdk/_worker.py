@@ -27,6 +27,8 @@ from ergon_worker_sdk.proto.ergon.v1 import common_pb2, worker_pb2
 from ergon_worker_sdk.tracing import Tracer
 
 log = logging.getLogger("ergon_worker_sdk.worker")
+# How long a stopping worker waits for the server to take back the flows it still runs.
+RELEASE_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -411,12 +413,16 @@ class Worker:
             _, late = await asyncio.wait(tasks, timeout=grace_s)
             if late:
                 log.info("%d flows still running after the grace period; releasing them", len(late))
-            for flow_id, running in list(self._running.items()):
+            leases = [(flow_id, running.lease_token) for flow_id, running in self._running.items()]
+            for flow_id, _ in leases:
                 self._drop(flow_id)
-                # Given back if the server answers soon; if not, its lease lapses anyway.
-                with contextlib.suppress(RpcError, TimeoutError):
-                    async with asyncio.timeout(5):
-                        await stream.request(_release_event(flow_id, running.lease_token))
+            # Given back together if the server answers soon; if not (or with no stream up),
+            # their leases lapse anyway.
+            if leases and stream.connected.is_set():
+                releases = [stream.request_soon(_release_event(*lease)) for lease in leases]
+                for release in releases:
+                    release.add_done_callback(ignore_refusal)
+                await asyncio.wait(releases, timeout=RELEASE_TIMEOUT_S)
         await stream.close()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

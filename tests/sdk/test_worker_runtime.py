@@ -487,14 +487,19 @@ async def _none(items: Awaitable[list[str]]) -> bool:
     return not await items
 
 
-async def test_a_worker_shuts_down_at_once_when_its_server_is_gone() -> None:
+@pytest.mark.parametrize("running", [0, 4])
+async def test_a_worker_shuts_down_at_once_when_its_server_is_gone(running: int) -> None:
     server = ErgonTestServer(db="memory://")
     await server.start()
     async with server.client() as client:
-        _, handle = await start(client, Brief, name="orphan")
+        _, handle = await start(client, Brief, Pausing, name="orphan")
+        for amount in range(running):
+            await client.schedule(Pausing(amount))
+        await eventually(lambda: RUNS.get("wait_here", 0) == running, what="flows at the gate")
         await server.shutdown()
-        # Nobody is left to take capacity 0 in: the worker must not wait for an answer.
-        await asyncio.wait_for(handle.shutdown(), timeout=1.5)
+        # Nobody is left to take capacity 0 in, nor the flows given back: the worker must
+        # not wait for answers (once 5 s per flow running).
+        await asyncio.wait_for(handle.shutdown(grace=0), timeout=1.5)
 
 
 async def test_a_worker_that_reconnects_while_stopping_still_delivers_its_flows() -> None:
