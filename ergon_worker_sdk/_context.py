@@ -277,15 +277,21 @@ class FlowContext:
                 )
             attempts = entry.attempts
         self._boundary()
-        if self._unacked:
-            await self.settle()
-            # The server sends a cancel ahead of the acks of results sent after it: it may
-            # have arrived while those were stored.
-            self._boundary()
         policy = definition.retry_policy
+        # Counted from here, not from its body: a step waiting for the previous result keeps
+        # the flow from suspending under it.
         self._inflight += 1
         self._activity += 1
         try:
+            if self._unacked:
+                await self.settle()
+                # The server sends a cancel ahead of the acks of results sent after it: it
+                # may have arrived while those were stored.
+                self._boundary()
+            # A suspend sent before this call: its answer says whether the flow still runs.
+            await self._no_suspend_in_flight.wait()
+            if self.suspended:
+                raise asyncio.CancelledError
             while True:
                 attempts += 1
                 self.steps_run += 1
@@ -530,10 +536,12 @@ class FlowContext:
         snapshot = self._activity
         asyncio.get_running_loop().call_later(SETTLE_S, self._maybe_suspend, snapshot)
 
+    def _idle_since(self, snapshot: int) -> bool:
+        return self._activity == snapshot and not self._inflight
+
     def _maybe_suspend(self, snapshot: int) -> None:
         if (
-            self._activity != snapshot
-            or self._inflight
+            not self._idle_since(snapshot)
             or self._suspending
             or self.suspended
             or not self._open
@@ -542,15 +550,15 @@ class FlowContext:
             return
         self._suspending = True
         self._no_suspend_in_flight.clear()
-        self._spawn(self._suspend(tuple(self._open)))
+        self._spawn(self._suspend(tuple(self._open), snapshot))
 
-    async def _suspend(self, open_keys: tuple[str, ...]) -> None:
+    async def _suspend(self, open_keys: tuple[str, ...], snapshot: int) -> None:
         try:
-            await self._send_suspend(open_keys)
+            await self._send_suspend(open_keys, snapshot)
         finally:
             self._no_suspend_in_flight.set()
 
-    async def _send_suspend(self, open_keys: tuple[str, ...]) -> None:
+    async def _send_suspend(self, open_keys: tuple[str, ...], snapshot: int) -> None:
         abandoned = sorted(self._abandoned)
         suspend = worker_pb2.Suspend(
             flow_id=self.flow_id,
@@ -561,6 +569,11 @@ class FlowContext:
         try:
             # A suspended flow is no longer RUNNING: step results after it would be refused.
             await self.settle()
+            if not self._idle_since(snapshot):
+                # A branch moved on while the results were stored: not idle after all.
+                self._suspending = False
+                self._schedule_settle_check()
+                return
             ack = await self._record(worker_pb2.WorkerEvent(suspend=suspend))
         except LeaseLostError:
             self.suspended = True

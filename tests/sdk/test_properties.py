@@ -548,3 +548,66 @@ async def test_a_wakeup_read_before_its_wait_resumes_is_not_lost() -> None:
     async with asyncio.timeout(5):
         entry = await context.wait("signal:go", fill)
     assert entry == satisfied
+
+
+@dataclass
+@flow_type(type_id="TwoSteps")
+class TwoSteps:
+    bodies: list[str] = field(default_factory=list)
+
+    @step
+    async def first(self) -> int:
+        self.bodies.append("first")
+        return 1
+
+    @step
+    async def second(self) -> int:
+        self.bodies.append("second started")
+        await asyncio.sleep(0.05)
+        self.bodies.append("second finished")
+        return 2
+
+    @flow
+    async def run(self) -> None:  # pragma: no cover - the test drives the steps
+        return None
+
+
+async def test_no_suspend_under_a_step_waiting_for_the_previous_result() -> None:
+    """One branch waits on a signal, the other calls a step while the result of its previous
+    step is not yet stored: the flow is not idle, and must not suspend under that step."""
+    sent: list[str] = []
+
+    async def recorder(event: worker_pb2.WorkerEvent) -> worker_pb2.Ack:
+        kind = event.WhichOneof("event")
+        if kind == "step_result":
+            sent.append(f"result {event.step_result.key}")
+            await asyncio.sleep(SETTLE_S * 10)  # a slow store: acks come late
+            return worker_pb2.Ack()
+        if kind == "wait":
+            sent.append(f"wait {event.wait.key}")
+            return worker_pb2.Ack()
+        assert kind == "suspend", event
+        sent.append("suspend")
+        suspended.set()
+        return worker_pb2.Ack(suspended=True)
+
+    suspended = asyncio.Event()
+    context = make_context(recorder, "no-suspend")
+    flow = TwoSteps()
+
+    async def chain() -> int:
+        return await flow.first() + await flow.second()
+
+    token = context.activate()
+    try:
+        waiting = asyncio.ensure_future(await_external_signal("go"))
+        chained = asyncio.ensure_future(chain())
+    finally:
+        FlowContext.deactivate(token)
+    async with asyncio.timeout(5):
+        assert await chained == 3
+        await suspended.wait()  # once idle, the flow does suspend
+    assert flow.bodies == ["first", "second started", "second finished"]
+    # The suspend comes only once both steps' results are out (and stored).
+    assert sent.index("suspend") > sent.index("result second#1")
+    waiting.cancel()
