@@ -1,11 +1,13 @@
 """The running flow's context: journal replay, step recording and durable waits.
 
-Each `@step` call gets a deterministic key (step name + occurrence counter). A key found in the
-journal returns its recorded value (or raises its recorded failure) without running; a new step
-runs and its result is sent to the server. The flow's own code goes on at once (it is
-deterministic and replays), but nothing with an effect does until the server has stored the
-result: not another step's body, a wait, a suspension or the flow's end (which names the
-results it needs, so the last result and the end share a commit).
+Each `@step` call gets a deterministic key (step name + occurrence counter; in a task of the flow
+other than its own, such as a branch of `asyncio.gather`, counted under that task's first key:
+see `_TaskKeys`). A key found in the journal returns its recorded value (or raises its
+recorded failure) without running; a new step runs and its result is sent to the server. The
+flow's own code goes on at once (it is deterministic and replays), but nothing with an effect
+does until the server has stored the result: not another step's body, a wait, a suspension or
+the flow's end (which names the results it needs, so the last result and the end share a
+commit).
 
 Waits (timers, signals, child flows) are registered with the server under keys of their own
 ("timer:NAME#n", "signal:NAME#n", "child:TYPE#n"; inside a step, prefixed by the step's key).
@@ -63,6 +65,46 @@ _STEP: contextvars.ContextVar[_StepScope | None] = contextvars.ContextVar(
 # Sends a worker event and returns the server's ack once it is stored (raises if refused).
 # The event should be queued by the time the call returns, so events leave in call order.
 Recorder = Callable[[worker_pb2.WorkerEvent], Awaitable[worker_pb2.Ack]]
+
+
+# The journal entry kind of each kind of wait request.
+_WAIT_KINDS = {
+    "timer": common_pb2.ENTRY_KIND_TIMER,
+    "signal": common_pb2.ENTRY_KIND_SIGNAL,
+    "child": common_pb2.ENTRY_KIND_CHILD,
+    "": common_pb2.ENTRY_KIND_UNSPECIFIED,
+}
+
+# Between a task's first key and the keys of its later calls ("fetch#2>process#1").
+TASK_KEY_SEPARATOR = ">"
+
+
+@dataclass
+class _TaskKeys:
+    """The key counters of one task of a flow.
+
+    The flow's own task counts from the root. Another task of the flow (a branch of an
+    `asyncio.gather`) takes its first key from the counters it inherited, in the order the
+    tasks start, and keys its later calls under that first key: its keys then depend only on
+    its own code, never on how the branches interleave (which differs on replay, where
+    recorded steps return at once).
+    """
+
+    flow: FlowContext
+    # None: whichever task asks (a context never activated in a task).
+    task: asyncio.Task[Any] | None
+    prefix: str
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def take(self, name: str) -> str:
+        count = self.counters.get(name, 0) + 1
+        self.counters[name] = count
+        return f"{self.prefix}{name}#{count}"
+
+
+_TASK_KEYS: contextvars.ContextVar[_TaskKeys | None] = contextvars.ContextVar(
+    "ergon_task_keys", default=None
+)
 
 
 @dataclass
@@ -148,7 +190,7 @@ class FlowContext:
             e.key for e in journal if e.kind == common_pb2.ENTRY_KIND_STEP and "/" not in e.key
         }
         self._consumed: set[str] = set()
-        self._counters: dict[str, int] = {}
+        self._root_keys = _TaskKeys(self, None, "")
         self._record = recorder
         self.steps_run = 0
         self.steps_replayed = 0
@@ -181,7 +223,8 @@ class FlowContext:
         self.task: asyncio.Task[Any] | None = None
 
     def activate(self) -> contextvars.Token[FlowContext | None]:
-        """Make this the current context of the running task."""
+        """Make this the current context of the running task (the flow's own task)."""
+        self._root_keys.task = asyncio.current_task()
         return _CURRENT.set(self)
 
     @staticmethod
@@ -217,11 +260,16 @@ class FlowContext:
                 )
 
     def next_key(self, name: str) -> str:
-        """The deterministic key of the next call of `name` at flow level."""
+        """The deterministic key of the next call of `name` at flow level (see `_TaskKeys`)."""
         # Taken before any await, so tasks started in order (asyncio.gather) get keys in order.
-        count = self._counters.get(name, 0) + 1
-        self._counters[name] = count
-        return f"{name}#{count}"
+        inherited = _TASK_KEYS.get()
+        keys = inherited if inherited is not None and inherited.flow is self else self._root_keys
+        task = asyncio.current_task()
+        key = keys.take(name)
+        if keys.task is not None and keys.task is not task:
+            # This task's first call: its later calls go under this key.
+            _TASK_KEYS.set(_TaskKeys(self, task, f"{key}{TASK_KEY_SEPARATOR}"))
+        return key
 
     # ------------------------------------------------------------ cancellation
 
@@ -423,18 +471,24 @@ class FlowContext:
 
     # ------------------------------------------------------------ waits
 
+    def wait_key_for(self, name: str) -> tuple[str, bool]:
+        """The key of the next wait called `name` here, and whether it is inside a step.
+
+        Inside a step, a wait belongs to the step: it is keyed under the step's key.
+        """
+        scope = _STEP.get()
+        if scope is None:
+            return self.next_key(name), False
+        count = scope.counters.get(name, 0) + 1
+        scope.counters[name] = count
+        return f"{scope.key}/{name}#{count}", True
+
     async def wait(
         self, name: str, fill: Callable[[worker_pb2.WaitRequest], None], *, timer: bool = False
     ) -> common_pb2.JournalEntry:
         """Wait durably under a deterministic key; returns the wait's journal entry."""
-        scope = _STEP.get()
-        if scope is None:
-            key = self.next_key(name)
-        else:
-            count = scope.counters.get(name, 0) + 1
-            scope.counters[name] = count
-            key = f"{scope.key}/{name}#{count}"
-        return await self.wait_key(key, fill, timer=timer, in_step=scope is not None)
+        key, in_step = self.wait_key_for(name)
+        return await self.wait_key(key, fill, timer=timer, in_step=in_step)
 
     async def wait_key(
         self,
@@ -449,6 +503,13 @@ class FlowContext:
         entry = self._entries.get(key)
         if entry is not None:
             self._consumed.add(key)
+            probe = worker_pb2.WaitRequest()
+            fill(probe)
+            if entry.kind != _WAIT_KINDS[probe.WhichOneof("wait") or ""]:
+                raise HistoryMismatchError(
+                    f"{key} of flow {self.flow_id} was recorded as another kind of entry; "
+                    "the flow's code changed"
+                )
             return entry
         if not in_step:
             self._boundary()
@@ -596,7 +657,9 @@ class FlowContext:
         if self._open:
             self._schedule_settle_check()
 
-    async def child_result(self, key: str, child: Any, flow_type: str, result_hint: Any) -> Any:
+    async def child_result(
+        self, key: str, child: Any, flow_type: str, result_hint: Any, *, in_step: bool = False
+    ) -> Any:
         """Run a child flow to its end and return its result (raising ChildFlowError)."""
         payload = self.converter.to_payload(child)
         child_flow_id = f"{self.flow_id}/{key}"
@@ -606,7 +669,7 @@ class FlowContext:
             request.child.flow_type = flow_type
             request.child.input.CopyFrom(payload)
 
-        entry = await self.wait_key(key, fill)
+        entry = await self.wait_key(key, fill, in_step=in_step)
         if entry.status == common_pb2.ENTRY_STATUS_FAILED:
             raise ChildFlowError(
                 entry.error.type, entry.error.message, not entry.error.non_retryable

@@ -82,14 +82,19 @@ class PendingChild(Generic[R]):
         self._context = context
         self._child = child
         self._definition = definition
-        # Keyed when invoked, so children invoked in order get keys in order.
-        self.key = context.next_key(f"child:{definition.type_id}")
+        # Keyed when invoked, so children invoked in order get keys in order; inside a step,
+        # under the step's key (the step's replay does not count flow-level keys).
+        self.key, self._in_step = context.wait_key_for(f"child:{definition.type_id}")
         self.flow_id = f"{context.flow_id}/{self.key}"
 
     async def result(self) -> R:
         """The child's result; raises ChildFlowError if it failed or was cancelled."""
         value: R = await self._context.child_result(
-            self.key, self._child, self._definition.type_id, self._definition.result_hint
+            self.key,
+            self._child,
+            self._definition.type_id,
+            self._definition.result_hint,
+            in_step=self._in_step,
         )
         return value
 

@@ -34,6 +34,7 @@ from ergon_worker_sdk import (
     await_external_signal,
     flow,
     flow_type,
+    schedule_timer,
     step,
 )
 from ergon_worker_sdk._context import SETTLE_S
@@ -518,7 +519,8 @@ async def test_a_new_wait_is_not_sent_while_a_suspend_is_in_flight() -> None:
     assert sent[-1] == "suspend ['signal:go#1']", "go#2 went out while the suspend was in flight"
     suspend_answer.set()
     await asyncio.sleep(SETTLE_S * 4)
-    assert sent[2:4] == ["suspend answered", "wait signal:go#2"]
+    # body() runs in a task of its own: its second wait is keyed under its first.
+    assert sent[2:4] == ["suspend answered", "wait signal:go#1>signal:go#1"]
     flow_task.cancel()
 
 
@@ -609,5 +611,23 @@ async def test_no_suspend_under_a_step_waiting_for_the_previous_result() -> None
         await suspended.wait()  # once idle, the flow does suspend
     assert flow.bodies == ["first", "second started", "second finished"]
     # The suspend comes only once both steps' results are out (and stored).
-    assert sent.index("suspend") > sent.index("result second#1")
+    assert sent.index("suspend") > sent.index("result first#1>second#1")
     waiting.cancel()
+
+
+async def test_a_wait_whose_key_was_recorded_as_another_kind_is_a_history_mismatch() -> None:
+    """A step named "timer" once ran where the flow now sleeps: same key, another kind."""
+    recorded = common_pb2.JournalEntry(
+        key="timer#1", kind=common_pb2.ENTRY_KIND_STEP, status=common_pb2.ENTRY_STATUS_COMPLETED
+    )
+
+    async def recorder(event: worker_pb2.WorkerEvent) -> worker_pb2.Ack:
+        raise AssertionError(f"nothing is sent for a replayed wait: {event}")
+
+    context = make_context(recorder, "kinds", [recorded])
+    token = context.activate()
+    try:
+        with pytest.raises(HistoryMismatchError, match="another kind"):
+            await schedule_timer(5)
+    finally:
+        FlowContext.deactivate(token)

@@ -18,6 +18,7 @@ from ergon_worker_sdk import (
     dag,
     flow,
     flow_type,
+    schedule_timer,
     step,
 )
 from ergon_worker_sdk.testing import ErgonTestServer
@@ -664,3 +665,88 @@ async def test_a_flow_that_catches_a_refused_step_result_still_does_not_complete
     assert outcome.error is not None and outcome.error.type == "PayloadTooLargeError"
     assert history == []
     assert dict(RUNS) == {"charge": 1, "caught": 1}
+
+
+@dataclass
+@flow_type
+class Branches:
+    tag: str
+
+    @step
+    async def fetch(self, name: str, pause: float) -> str:
+        await asyncio.sleep(pause)
+        return f"{name}-data"
+
+    @step
+    async def process(self, data: str) -> str:
+        return data.upper()
+
+    async def branch(self, name: str, pause: float) -> str:
+        return await self.process(await self.fetch(name, pause))
+
+    @flow
+    async def run(self) -> list[str]:
+        # "a" fetches slowly: "b" processes first on the first run, but not on the replay after
+        # the timer (recorded steps return at once there).
+        results = await asyncio.gather(self.branch("a", 0.2), self.branch("b", 0.0))
+        await schedule_timer(0.2)
+        return list(results)
+
+
+async def test_steps_in_parallel_branches_keep_their_keys_however_the_branches_interleave(
+    client: Client,
+) -> None:
+    _, handle = await start(client, Branches)
+    try:
+        flow_id = await client.schedule(Branches("x"))
+        outcome = await client.wait(flow_id, timeout=10)
+        history = {e.key: e.result for e in await client.history(flow_id)}
+    finally:
+        await handle.shutdown()
+    assert (outcome.status, outcome.result) == (FlowStatus.COMPLETED, ["A-DATA", "B-DATA"])
+    assert history == {
+        "fetch#1": "a-data",
+        "fetch#2": "b-data",
+        "fetch#2>process#1": "B-DATA",
+        "fetch#1>process#1": "A-DATA",
+        "timer#1": None,
+    }
+
+
+@dataclass
+@flow_type
+class Doubler:
+    n: int
+
+    @flow
+    async def run(self) -> int:
+        return self.n * 10
+
+
+@dataclass
+@flow_type
+class ChildInAStep:
+    tag: str
+
+    @step
+    async def via_step(self) -> int:
+        return int(await self.invoke(Doubler(1)).result())
+
+    @flow
+    async def run(self) -> list[int]:
+        first = await self.via_step()
+        await schedule_timer(0.2)  # replayed after: the step's child must not take a key here
+        second = await self.invoke(Doubler(2)).result()
+        return [first, second]
+
+
+async def test_a_child_flow_invoked_in_a_step_is_keyed_under_the_step(client: Client) -> None:
+    _, handle = await start(client, ChildInAStep, Doubler)
+    try:
+        flow_id = await client.schedule(ChildInAStep("x"))
+        outcome = await client.wait(flow_id, timeout=10)
+        keys = [e.key for e in await client.history(flow_id)]
+    finally:
+        await handle.shutdown()
+    assert (outcome.status, outcome.result) == (FlowStatus.COMPLETED, [10, 20])
+    assert keys == ["via_step#1/child:Doubler#1", "via_step#1", "timer#1", "child:Doubler#1"]
