@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -43,6 +45,31 @@ def _redacted(url: str) -> str:
     return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{host}"
 
 
+def _bind_problem(listen: str, error: Exception) -> str:
+    """Why `listen` could not be bound, as the OS tells a plain bind; else gRPC's `error`.
+
+    gRPC only says that binding failed; the reason (the port is taken, the host is not this
+    machine's) is what the operator needs.
+    """
+    host, _, port = listen.rpartition(":")
+    try:
+        addresses = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, protocol, _, address in addresses:
+            with socket.socket(family, kind, protocol) as probe:
+                # As gRPC binds: a port left in TIME_WAIT by an earlier server is free.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+    except OSError as problem:
+        if problem.errno == errno.EADDRINUSE:
+            return "the port is in use by another process (another ergon-server?)"
+        return problem.strerror or str(problem)
+    except ValueError:
+        pass  # not host:port (a unix: target, say): gRPC's words are all there is
+    return str(error)
+
+
 class ErgonServer:
     """An Ergon server: `start()`, then `wait()` or `shutdown()`; also `async with`."""
 
@@ -80,6 +107,9 @@ class ErgonServer:
                 # Workers ping on their stream; allow transport keepalives too.
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+                # gRPC sets SO_REUSEPORT by default: a second server on a port in use would
+                # bind too, and the kernel would split connections between the two.
+                ("grpc.so_reuseport", 0),
             ],
         )
         # Our own handlers, not the generated add_*_to_server: a request that does not parse
@@ -108,7 +138,9 @@ class ErgonServer:
                 self.port = server.add_secure_port(self.config.listen, credentials)
         except (RuntimeError, OSError) as error:
             await self.store.close()
-            raise OSError(f"cannot listen on {self.config.listen}: {error}") from error
+            raise OSError(
+                f"cannot listen on {self.config.listen}: {_bind_problem(self.config.listen, error)}"
+            ) from error
         # The engine first: a worker that reconnects the moment the port opens must find its
         # leases already renewed after a restart (see `Engine.start`).
         await self.engine.start()
