@@ -30,6 +30,9 @@ fail its neighbours.
 
 Reads go to a small pool of separate connections, which in WAL mode see the last commit and
 never wait for the writer.
+
+One server owns the file: while open, the store holds an exclusive lock on `<file>.lock`, so a
+second server on the same file fails to open instead of dispatching the same flows.
 """
 
 from __future__ import annotations
@@ -37,8 +40,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
+import fcntl
 import functools
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -1218,6 +1224,49 @@ class _SqliteMigrationTarget:
 # --- the store ---------------------------------------------------------------------------
 
 
+def _lock_database(path: str) -> int:
+    """Take the exclusive lock on `<path>.lock`; the descriptor that holds it until closed.
+
+    SQLite's own locks guard transactions, not ownership: two servers would both dispatch the
+    file's flows, each with its own leases in memory. The lock is on a file of its own, as
+    `flock` on the database could meet SQLite's byte-range locks (NFS emulates one with the
+    other); the kernel drops it when the process dies, so a crash leaves nothing to clean.
+
+    Raises:
+        StoreUnavailableError: Another store (in this process or another) holds the lock, or
+            the lock file cannot be opened.
+    """
+    database = Path(path).resolve()  # a symlink or another spelling locks the same file
+    lock_path = database.with_name(database.name + ".lock")
+    try:
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise StoreUnavailableError(
+            f"sqlite store unavailable: cannot open the lock file {lock_path}: {error.strerror}"
+        ) from error
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+        os.close(descriptor)
+        if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise StoreUnavailableError(
+                f"sqlite store unavailable: cannot lock {lock_path}: {error.strerror}"
+            ) from error
+        by = f" (pid {holder})" if holder.isdigit() else ""
+        raise StoreUnavailableError(
+            f"sqlite store unavailable: {database} is in use by another ergon-server{by}, "
+            f"which holds {lock_path}; an SQLite file serves one server: stop the other one, "
+            "or use PostgreSQL for several replicas"
+        ) from error
+    # Who holds it, for the message above (only read while the lock is held); a disk too full
+    # for these few bytes is not a reason to refuse the lock.
+    with contextlib.suppress(OSError):
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+    return descriptor
+
+
 class SqliteStore(BatchedStore):
     """The `Store` on an SQLite file (WAL) with a group-commit writer and a reader pool.
 
@@ -1284,6 +1333,7 @@ class SqliteStore(BatchedStore):
         self._writer: _Writer | None = None
         self._readers: list[aiosqlite.Connection] = []
         self._next_reader = 0
+        self._lock: int | None = None  # the descriptor holding `<path>.lock`
 
     @property
     def path(self) -> str:
@@ -1297,7 +1347,8 @@ class SqliteStore(BatchedStore):
 
         Raises:
             SchemaVersionError: The database was migrated by a newer ergon-server.
-            StoreUnavailableError: The file cannot be opened.
+            StoreUnavailableError: The file cannot be opened, or another store (another
+                server) has it open.
             StoreError: The store is already open, or the database is unusable.
         """
         async with self._lifecycle:
@@ -1316,6 +1367,7 @@ class SqliteStore(BatchedStore):
         in_memory = self._path == MEMORY_PATH
         if not in_memory:
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+            self._lock = _lock_database(self._path)
         writer = _Writer(self._path)
         self._writer = writer
         await writer.open()
@@ -1349,6 +1401,9 @@ class SqliteStore(BatchedStore):
                 await conn.close()
             except Exception:
                 _log.warning("closing an sqlite connection failed", exc_info=True)
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            os.close(lock)  # releases the lock, after the last connection is gone
 
     async def close(self) -> None:
         """Commit every queued write, then close the connections. Idempotent."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
@@ -1320,6 +1321,39 @@ async def test_sqlite_settings_are_validated(tmp_path: Path) -> None:
 async def test_sqlite_open_twice_is_refused(sqlite_store: SqliteStore) -> None:
     with pytest.raises(StoreError):
         await sqlite_store.open()
+
+
+async def test_an_sqlite_file_is_open_in_one_store_at_a_time(tmp_path: Path) -> None:
+    path = (tmp_path / "ergon.db").resolve()
+    first = SqliteStore(str(path))
+    await first.open()
+    try:
+        # Another spelling of the same file is the same file.
+        second = SqliteStore(f"{path.parent}/../{path.parent.name}/./{path.name}")
+        try:
+            with pytest.raises(StoreUnavailableError) as raised:
+                await second.open()
+        finally:
+            await second.close()
+        assert raised.value.message.startswith(
+            f"sqlite store unavailable: {path} is in use by another ergon-server "
+            f"(pid {os.getpid()}), which holds {path}.lock"
+        ), raised.value.message
+        assert await first.schedule_flows([flow("f1")], T0) == [ScheduleResult("f1", CREATED)]
+    finally:
+        await first.close()
+    # Closing lets go of the file; in memory there is no file to hold.
+    third = SqliteStore(str(path))
+    await third.open()
+    try:
+        assert await third.get_flow("f1") is not None
+    finally:
+        await third.close()
+    in_memory = [SqliteStore(":memory:"), SqliteStore(":memory:")]
+    for store in in_memory:
+        await store.open()
+    for store in in_memory:
+        await store.close()
 
 
 # --- create_store --------------------------------------------------------------------------
