@@ -174,6 +174,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _limit(text: str) -> int:
+    """An argparse type: how many rows, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _json_arg(text: str | None) -> Any:
     if text is None:
         return None
@@ -290,7 +301,7 @@ def parser() -> argparse.ArgumentParser:
     listing = flow_commands.add_parser("list", help="list flows")
     listing.add_argument("--status", action="append", choices=[s.name for s in FlowStatus])
     listing.add_argument("--type", help="only flows of this type")
-    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--limit", type=_limit, default=100)
     _json_output(listing)
     listing.set_defaults(run=flows_list)
     show = flow_commands.add_parser("show", help="a flow and its journal")

@@ -110,6 +110,15 @@ async def test_several_addresses_must_be_ip_literals() -> None:
     assert "argument --address: several server addresses must be IP literals" in err
 
 
+async def test_a_limit_below_one_is_refused() -> None:
+    for bad in ("0", "-5", "many"):
+        code, out, err = await ergon("127.0.0.1:1", "flows", "list", "--limit", bad)
+        assert (code, out) == (2, ""), (bad, out)
+        assert "argument --limit:" in err, err
+    code, _, err = await ergon("127.0.0.1:1", "flows", "list", "--limit", "0")
+    assert "must be at least 1, not 0" in err, err
+
+
 async def test_cancel_and_errors(running: tuple[ErgonTestServer, Client]) -> None:
     server, _ = running
     await ergon(
