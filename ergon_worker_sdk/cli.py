@@ -1,6 +1,6 @@
 """`ergon`: the command line for people, over gRPC only.
 
-    ergon flows list [--status S] [--type T] [--limit N]
+    ergon flows list [--status S] [--type T] [--limit N] [--page-token T]
     ergon flows show FLOW_ID
     ergon schedule TYPE --json '{"order_id": "A"}' [--flow-id ID]
     ergon signal FLOW_ID NAME --json '{"by": "ann"}'
@@ -28,6 +28,10 @@ from typing import Any
 
 from ergon_worker_sdk._client import Client, FlowOutcome, FlowStatus, TlsConfig, channel_target
 from ergon_worker_sdk.errors import ErgonError, RpcError
+from ergon_worker_sdk.proto.ergon.v1 import scheduler_pb2
+
+# Flows asked for per ListFlows call (the server may give fewer: its --max-page-size).
+_PAGE_SIZE = 1000
 
 _COLOURS = {
     "COMPLETED": "32",
@@ -95,30 +99,47 @@ def _flow_dict(flow: FlowOutcome) -> dict[str, Any]:
 
 
 async def flows_list(client: Client, out: Output, args: argparse.Namespace) -> None:
-    """List flows, newest filters applied, at most --limit."""
-    statuses = [FlowStatus[s.upper()] for s in args.status or []]
+    """List flows oldest first, filtered, at most --limit; say on stderr when more match."""
     found: list[FlowOutcome] = []
-    async for flow in client.list_flows(status=statuses, flow_type=args.type, page_size=200):
-        found.append(flow)
-        if len(found) >= args.limit:
+    token: str = args.page_token or ""
+    # Page by page here rather than with `Client.list_flows`: the token after the last row
+    # shown is what lets the next listing carry on from it.
+    while True:
+        request = scheduler_pb2.ListFlowsRequest(
+            statuses=[FlowStatus[s.upper()].value for s in args.status or []],
+            flow_type=args.type or "",
+            page_size=min(args.limit - len(found), _PAGE_SIZE),
+            page_token=token,
+        )
+        response = await client._call(client._scheduler.ListFlows, request)
+        found += [client.outcome(info) for info in response.flows]
+        token = response.next_page_token
+        if not token or len(found) >= args.limit:
             break
     if out.as_json:
         out.json([_flow_dict(f) for f in found])
-        return
-    out.table(
-        ["FLOW ID", "TYPE", "STATUS", "ATTEMPT", "CREATED", "ENDED"],
-        [
+    else:
+        out.table(
+            ["FLOW ID", "TYPE", "STATUS", "ATTEMPT", "CREATED", "ENDED"],
             [
-                f.flow_id,
-                f.flow_type,
-                f.status.name,
-                str(f.attempt),
-                _when(f.created_at),
-                _when(f.completed_at),
-            ]
-            for f in found
-        ],
-    )
+                [
+                    f.flow_id,
+                    f.flow_type,
+                    f.status.name,
+                    str(f.attempt),
+                    _when(f.created_at),
+                    _when(f.completed_at),
+                ]
+                for f in found
+            ],
+        )
+    if token:
+        # On stderr, so that the table or the JSON on stdout stays whole.
+        print(
+            f"... more flows match: raise --limit (now {args.limit}), "
+            f"or add --page-token {token} for the next ones",
+            file=sys.stderr,
+        )
 
 
 def _print_flow(out: Output, flow: FlowOutcome) -> None:
@@ -298,10 +319,29 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
     flows = commands.add_parser("flows", help="list or show flows")
     flow_commands = flows.add_subparsers(dest="flows_command", required=True)
-    listing = flow_commands.add_parser("list", help="list flows")
-    listing.add_argument("--status", action="append", choices=[s.name for s in FlowStatus])
+    listing = flow_commands.add_parser(
+        "list",
+        help="list flows, oldest first",
+        description="Flows in the order they were scheduled, oldest first, at most --limit. "
+        "When more match, a last line on stderr says how to see them: a larger --limit, or "
+        "--page-token to carry on after the last flow shown.",
+    )
+    listing.add_argument(
+        "--status",
+        action="append",
+        choices=[s.name for s in FlowStatus],
+        help="only flows in this status (repeat for several)",
+    )
     listing.add_argument("--type", help="only flows of this type")
-    listing.add_argument("--limit", type=_limit, default=100)
+    listing.add_argument(
+        "--limit", type=_limit, default=100, metavar="N", help="print at most N flows (default 100)"
+    )
+    listing.add_argument(
+        "--page-token",
+        metavar="T",
+        help="start after the last flow an earlier listing showed (its stderr gives T); "
+        "give the same --status and --type",
+    )
     _json_output(listing)
     listing.set_defaults(run=flows_list)
     show = flow_commands.add_parser("show", help="a flow and its journal")

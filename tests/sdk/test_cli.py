@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -117,6 +118,34 @@ async def test_a_limit_below_one_is_refused() -> None:
         assert "argument --limit:" in err, err
     code, _, err = await ergon("127.0.0.1:1", "flows", "list", "--limit", "0")
     assert "must be at least 1, not 0" in err, err
+
+
+async def test_a_listing_cut_short_says_how_to_see_the_rest() -> None:
+    # Pages of 3 at most: a listing of 4 takes two calls.
+    async with (
+        ErgonTestServer(max_page_size=3, allow_unregistered_flow_types=True) as server,
+        server.client() as client,
+    ):
+        for n in range(9):
+            await client.schedule_type("Unrun", {}, flow_id=f"p{n}")
+        code, out, err = await ergon(server.address, "--json", "flows", "list", "--limit", "4")
+        assert code == 0 and [f["flow_id"] for f in json.loads(out)] == ["p0", "p1", "p2", "p3"]
+        match = re.fullmatch(
+            r"\.\.\. more flows match: raise --limit \(now 4\), "
+            r"or add --page-token (\S+) for the next ones\n",
+            err,
+        )
+        assert match, err
+        code, out, err = await ergon(
+            server.address, "flows", "list", "--limit", "4", "--page-token", match[1]
+        )
+        assert code == 0 and "--page-token" in err
+        assert [line.split()[0] for line in out.splitlines()[1:]] == ["p4", "p5", "p6", "p7"]
+        # Exactly as many as match: nothing more to say.
+        code, out, err = await ergon(server.address, "--json", "flows", "list", "--limit", "9")
+        assert (code, len(json.loads(out)), err) == (0, 9, "")
+        code, out, err = await ergon(server.address, "--json", "flows", "list")
+        assert (code, len(json.loads(out)), err) == (0, 9, "")
 
 
 async def test_cancel_and_errors(running: tuple[ErgonTestServer, Client]) -> None:
