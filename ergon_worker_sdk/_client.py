@@ -113,19 +113,28 @@ class WorkerInfo:
     peer: str
 
 
+# gRPC targets whose scheme takes a comma-separated list itself.
+_LIST_SCHEMES = ("ipv4:", "ipv6:", "unix:", "unix-abstract:")
+
+
 def channel_target(address: str | Sequence[str]) -> tuple[str, list[tuple[str, Any]]]:
     """A gRPC target (and options) for one address or several, round-robin.
 
     One address is any gRPC target (`host:port`, `dns:///name:port`, ...). Several are spread
     over round-robin, which gRPC does for IP literals only (`10.0.0.5:50051`, or
-    `[fd00::5]:50051`), all of one family.
+    `[fd00::5]:50051`), all of one family. Several are a list, or one string with commas
+    between them (`"10.0.0.5:50051,10.0.0.6:50051"`, as `ergon --address` and `ERGON_ADDRESS`
+    take them); a gRPC target of the schemes that take a list themselves (`ipv4:`, `ipv6:`,
+    `unix:`) is left whole.
 
     Raises:
-        ValueError: several addresses, not all IP literals of one family with a port.
+        ValueError: no address, or several, not all IP literals of one family with a port.
     """
-    if isinstance(address, str):
-        return address, []
-    addresses: list[str] = list(address)
+    given = [address] if isinstance(address, str) else list(address)
+    if len(given) == 1 and given[0].startswith(_LIST_SCHEMES):
+        return given[0], []
+    # gRPC would take "a:1,b:2" as one host name and fail to resolve it on every call.
+    addresses = [piece.strip() for item in given for piece in item.split(",") if piece.strip()]
     if not addresses:
         raise ValueError("no server address given")
     if len(addresses) == 1:
@@ -212,7 +221,8 @@ class Client:
     """A connection to an Ergon server, for scheduling, reading, waiting, signalling, cancelling.
 
     Use as `async with Client("127.0.0.1:50051") as client:`. Several addresses (server
-    replicas, as IP literals: see `channel_target`) are used round-robin. Calls that fail
+    replicas, as IP literals, in a list or a string with commas: see `channel_target`) are
+    used round-robin. Calls that fail
     with UNAVAILABLE are retried with backoff for up to `retry_timeout_s` (scheduling is
     idempotent through a request id). `token` is sent as a bearer token with every call;
     `tls` (a `TlsConfig`, or True for the system's roots) switches to an encrypted channel.

@@ -281,14 +281,16 @@ async def workers(client: Client, out: Output, args: argparse.Namespace) -> None
     )
 
 
-def _addresses(text: str) -> list[str]:
-    """An argparse type: one address, or several IP:port (replicas) separated by commas."""
-    addresses = [a.strip() for a in text.split(",") if a.strip()]
+def _address(text: str) -> str:
+    """An argparse type: one address, or several IP:port (replicas) separated by commas.
+
+    The string goes to `Client` as it is: the SDK reads commas the same way.
+    """
     try:
-        channel_target(addresses)
+        channel_target(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-    return addresses
+    return text
 
 
 def _json_output(command: argparse.ArgumentParser) -> None:
@@ -306,7 +308,7 @@ def parser() -> argparse.ArgumentParser:
     )
     root.add_argument(
         "--address",
-        type=_addresses,
+        type=_address,
         default=env.get("ERGON_ADDRESS", "127.0.0.1:50051"),
         help="host:port, or several IP:port separated by commas (replicas, round-robin)",
     )

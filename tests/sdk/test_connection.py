@@ -60,6 +60,26 @@ def test_several_addresses_are_ip_literals_of_one_family() -> None:
         Client([])
 
 
+async def test_commas_in_an_address_string_separate_addresses_as_a_list_would() -> None:
+    round_robin = [("grpc.lb_policy_name", "round_robin")]
+    for several in ("10.0.0.5:1,10.0.0.6:2", " 10.0.0.5:1, 10.0.0.6:2,", ["10.0.0.5:1,10.0.0.6:2"]):
+        assert channel_target(several) == ("ipv4:10.0.0.5:1,10.0.0.6:2", round_robin)
+    assert channel_target("127.0.0.1:1,") == ("127.0.0.1:1", [])
+    # gRPC's own list targets are left whole.
+    assert channel_target("ipv4:10.0.0.5:1,10.0.0.6:2") == ("ipv4:10.0.0.5:1,10.0.0.6:2", [])
+    with pytest.raises(ValueError, match="IP literals of one family"):
+        Client("a.internal:1,b.internal:2")
+    with pytest.raises(ValueError, match="no server address"):
+        Client(" , ")
+    # The string gRPC took for one host name, failing to resolve it call after call, works.
+    async with (
+        ErgonTestServer(allow_unregistered_flow_types=True) as server,
+        Client(f"{server.address},{server.address}", retry_timeout_s=1) as client,
+    ):
+        flow_id = await client.schedule_type("NobodyRunsThis", {})
+        assert (await client.get(flow_id)).flow_id == flow_id
+
+
 class _StopsWhenRegistered:
     """A stream handler that stops assignments as its session registers (a drain that began
     while the worker was reconnecting), and records what it is given."""
