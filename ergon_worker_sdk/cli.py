@@ -2,7 +2,7 @@
 
     ergon flows list [--status S] [--type T] [--limit N] [--page-token T]
     ergon flows show FLOW_ID
-    ergon schedule TYPE --json '{"order_id": "A"}' [--flow-id ID]
+    ergon schedule TYPE [--json '{"order_id": "A"}'] [--flow-id ID] [--wait SECONDS]
     ergon signal FLOW_ID NAME --json '{"by": "ann"}'
     ergon cancel FLOW_ID [--reason TEXT]
     ergon workers
@@ -29,6 +29,16 @@ from typing import Any
 from ergon_worker_sdk._client import Client, FlowOutcome, FlowStatus, TlsConfig, channel_target
 from ergon_worker_sdk.errors import ErgonError, RpcError
 from ergon_worker_sdk.proto.ergon.v1 import scheduler_pb2
+
+# Exit statuses; argparse exits 2 on a usage error.
+EXIT_OK = 0
+EXIT_FAILED = 1
+_EXIT_STATUSES = """exit status:
+  0  done; with `schedule --wait`, the flow COMPLETED
+  1  an error (the server's code and reason on stderr); with `schedule --wait`,
+     the flow ended FAILED or CANCELLED (its outcome is printed), or had not
+     ended within SECONDS
+  2  bad usage (a bad option, or --json that is not JSON)"""
 
 # Flows asked for per ListFlows call (the server may give fewer: its --max-page-size).
 _PAGE_SIZE = 1000
@@ -98,7 +108,7 @@ def _flow_dict(flow: FlowOutcome) -> dict[str, Any]:
     return dataclasses.asdict(flow) | {"status": flow.status.name}
 
 
-async def flows_list(client: Client, out: Output, args: argparse.Namespace) -> None:
+async def flows_list(client: Client, out: Output, args: argparse.Namespace) -> int:
     """List flows oldest first, filtered, at most --limit; say on stderr when more match."""
     found: list[FlowOutcome] = []
     token: str = args.page_token or ""
@@ -140,6 +150,7 @@ async def flows_list(client: Client, out: Output, args: argparse.Namespace) -> N
             f"or add --page-token {token} for the next ones",
             file=sys.stderr,
         )
+    return EXIT_OK
 
 
 def _print_flow(out: Output, flow: FlowOutcome) -> None:
@@ -156,13 +167,13 @@ def _print_flow(out: Output, flow: FlowOutcome) -> None:
         print(f"error    {flow.error.type}: {flow.error.message}{reason}", file=out.stream)
 
 
-async def flows_show(client: Client, out: Output, args: argparse.Namespace) -> None:
+async def flows_show(client: Client, out: Output, args: argparse.Namespace) -> int:
     """One flow: status, result or error, and its journal with timings."""
     flow = await client.get(args.flow_id)
     journal = await client.history(args.flow_id)
     if out.as_json:
         out.json(_flow_dict(flow) | {"journal": [dataclasses.asdict(e) for e in journal]})
-        return
+        return EXIT_OK
     _print_flow(out, flow)
     print(file=out.stream)
     start = flow.created_at
@@ -182,6 +193,7 @@ async def flows_show(client: Client, out: Output, args: argparse.Namespace) -> N
             ]
         )
     out.table(["SEQ", "KEY", "KIND", "STATUS", "ATTEMPTS", "AT", "RESULT"], rows)
+    return EXIT_OK
 
 
 def _seconds(text: str) -> float:
@@ -206,48 +218,52 @@ def _limit(text: str) -> int:
     return value
 
 
-def _json_arg(text: str | None) -> Any:
-    if text is None:
-        return None
+def _json_value(text: str) -> Any:
+    """An argparse type: a JSON document."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise SystemExit(f"error: --json is not valid JSON: {error}") from None
+        raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from None
 
 
-async def schedule(client: Client, out: Output, args: argparse.Namespace) -> None:
-    """Schedule a flow by type name; with --wait, then wait for its outcome (one call)."""
-    if args.wait is not None:
-        try:
-            flow = await client.run_type(
-                args.flow_type, _json_arg(args.input), flow_id=args.flow_id, timeout=args.wait
-            )
-        except TimeoutError as error:
-            raise SystemExit(f"error: {error}") from None
+async def schedule(client: Client, out: Output, args: argparse.Namespace) -> int:
+    """Schedule a flow by type name; with --wait, then wait for its outcome (one call).
+
+    With --wait, the exit status says how the flow ended: EXIT_OK if it completed,
+    EXIT_FAILED if it failed, was cancelled or had not ended in time.
+    """
+    if args.wait is None:
+        flow_id = await client.schedule_type(args.flow_type, args.input, flow_id=args.flow_id)
         if out.as_json:
-            out.json(_flow_dict(flow))
+            out.json({"flow_id": flow_id})
         else:
-            _print_flow(out, flow)
-        return
-    flow_id = await client.schedule_type(
-        args.flow_type, _json_arg(args.input), flow_id=args.flow_id
-    )
+            print(flow_id, file=out.stream)
+        return EXIT_OK
+    try:
+        flow = await client.run_type(
+            args.flow_type, args.input, flow_id=args.flow_id, timeout=args.wait
+        )
+    except TimeoutError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
     if out.as_json:
-        out.json({"flow_id": flow_id})
+        out.json(_flow_dict(flow))
     else:
-        print(flow_id, file=out.stream)
+        _print_flow(out, flow)
+    return EXIT_OK if flow.status is FlowStatus.COMPLETED else EXIT_FAILED
 
 
-async def signal(client: Client, out: Output, args: argparse.Namespace) -> None:
+async def signal(client: Client, out: Output, args: argparse.Namespace) -> int:
     """Send a signal to a flow."""
-    sequence = await client.signal(args.flow_id, args.name, _json_arg(args.payload))
+    sequence = await client.signal(args.flow_id, args.name, args.payload)
     if out.as_json:
         out.json({"flow_id": args.flow_id, "name": args.name, "sequence": sequence})
     else:
         print(f"signal {args.name} #{sequence} delivered to {args.flow_id}", file=out.stream)
+    return EXIT_OK
 
 
-async def cancel(client: Client, out: Output, args: argparse.Namespace) -> None:
+async def cancel(client: Client, out: Output, args: argparse.Namespace) -> int:
     """Cancel a flow."""
     flow = await client.cancel(args.flow_id, args.reason or "")
     if out.as_json:
@@ -256,14 +272,15 @@ async def cancel(client: Client, out: Output, args: argparse.Namespace) -> None:
         print(f"{flow.flow_id} {out.paint('CANCELLED')}", file=out.stream)
     else:
         print(f"{flow.flow_id} is running: it will stop at its next step", file=out.stream)
+    return EXIT_OK
 
 
-async def workers(client: Client, out: Output, args: argparse.Namespace) -> None:
+async def workers(client: Client, out: Output, args: argparse.Namespace) -> int:
     """The connected worker sessions."""
     found = await client.workers()
     if out.as_json:
         out.json([dataclasses.asdict(w) for w in found])
-        return
+        return EXIT_OK
     out.table(
         ["WORKER", "SESSION", "TYPES", "LOAD", "ASSIGNED", "CONNECTED", "PEER"],
         [
@@ -279,6 +296,7 @@ async def workers(client: Client, out: Output, args: argparse.Namespace) -> None
             for w in found
         ],
     )
+    return EXIT_OK
 
 
 def _address(text: str) -> str:
@@ -304,7 +322,10 @@ def parser() -> argparse.ArgumentParser:
     """The command line's grammar."""
     env = os.environ
     root = argparse.ArgumentParser(
-        prog="ergon", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="ergon",
+        description=__doc__,
+        epilog=_EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     root.add_argument(
         "--address",
@@ -350,9 +371,23 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("flow_id")
     _json_output(show)
     show.set_defaults(run=flows_show)
-    scheduling = commands.add_parser("schedule", help="schedule a flow by type name")
+    scheduling = commands.add_parser(
+        "schedule",
+        help="schedule a flow by type name",
+        description="Schedule a flow by type name and print its id; with --wait, wait for\n"
+        "it to end and print its outcome.",
+        epilog=_EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     scheduling.add_argument("flow_type")
-    scheduling.add_argument("--json", dest="input", help="the input, as a JSON object")
+    scheduling.add_argument(
+        "--json",
+        dest="input",
+        type=_json_value,
+        default="{}",
+        metavar="JSON",
+        help="the input, as a JSON object (default {}: a flow type without fields)",
+    )
     scheduling.add_argument("--flow-id", help="the business key (default: generated)")
     scheduling.add_argument(
         "--wait",
@@ -364,7 +399,13 @@ def parser() -> argparse.ArgumentParser:
     signalling = commands.add_parser("signal", help="send a signal to a flow")
     signalling.add_argument("flow_id")
     signalling.add_argument("name")
-    signalling.add_argument("--json", dest="payload", help="the payload, as JSON")
+    signalling.add_argument(
+        "--json",
+        dest="payload",
+        type=_json_value,
+        metavar="JSON",
+        help="the payload, as JSON (default: null)",
+    )
     signalling.set_defaults(run=signal)
     cancelling = commands.add_parser("cancel", help="cancel a flow")
     cancelling.add_argument("flow_id")
@@ -377,29 +418,29 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-async def _run(args: argparse.Namespace) -> None:
+async def _run(args: argparse.Namespace) -> int:
     tls: TlsConfig | bool | None = None
     if args.tls_ca or args.tls_cert:
         tls = TlsConfig.from_files(args.tls_ca, args.tls_cert, args.tls_key)
     elif args.tls:
         tls = True
     async with Client(args.address, token=args.token, tls=tls, retry_timeout_s=5) as client:
-        await args.run(client, Output(args.json), args)
+        status: int = await args.run(client, Output(args.json), args)
+        return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ergon` console script."""
     args = parser().parse_args(argv)
     try:
-        asyncio.run(_run(args))
+        return asyncio.run(_run(args))
     except RpcError as error:
         reason = f" {error.reason}" if error.reason else ""
         print(f"error: {error.code.name}{reason}: {error.message}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except ErgonError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

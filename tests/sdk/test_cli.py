@@ -10,17 +10,20 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import grpc
 import pytest
 
 from ergon_worker_sdk import (
     Client,
     FlowStatus,
+    NonRetryableError,
     Worker,
     await_external_signal,
     flow,
     flow_type,
     step,
 )
+from ergon_worker_sdk.proto.ergon.v1 import scheduler_pb2, scheduler_pb2_grpc
 from ergon_worker_sdk.testing import ErgonTestServer
 
 
@@ -38,6 +41,16 @@ class CliOrder:
         reserved = await self.reserve()
         approval = await await_external_signal("approved")
         return f"{reserved}, approved by {approval['by']}"
+
+
+@dataclass
+@flow_type(type_id="CliRefusal")
+class CliRefusal:
+    reason: str
+
+    @flow
+    async def run(self) -> str:
+        raise NonRetryableError(self.reason)
 
 
 async def ergon(address: str, *args: str) -> tuple[int, str, str]:
@@ -60,7 +73,7 @@ async def ergon(address: str, *args: str) -> tuple[int, str, str]:
 async def running() -> AsyncIterator[tuple[ErgonTestServer, Client]]:
     async with ErgonTestServer() as server, server.client() as client:
         worker = Worker(client, "cli-worker", max_concurrency=5)
-        await worker.register(CliOrder)
+        await worker.register(CliOrder, CliRefusal)
         handle = await worker.start()
         yield server, client
         await handle.shutdown()
@@ -194,3 +207,36 @@ async def test_schedule_with_wait_prints_the_outcome_or_says_it_has_not_ended(
     for bad in ("-1", "inf", "soon"):
         code, _, err = await ergon(server.address, *args, "--wait", bad)
         assert code == 2 and "--wait" in err, err
+
+
+async def test_schedule_with_wait_exits_1_when_the_flow_fails_or_is_cancelled(
+    running: tuple[ErgonTestServer, Client],
+) -> None:
+    server, client = running
+    args = ("schedule", "CliRefusal", "--json", '{"reason": "no way"}', "--flow-id", "r1")
+    code, out, _ = await ergon(server.address, *args, "--wait", "10")
+    assert code == 1 and "FAILED" in out and "no way" in out, out
+    code, out, _ = await ergon(server.address, "--json", *args, "--wait", "10")
+    assert (code, json.loads(out)["status"]) == (1, "FAILED")
+    args = ("schedule", "CliOrder", "--json", '{"order_id": "X"}', "--flow-id", "x1")
+    assert (await ergon(server.address, *args))[0] == 0  # without --wait: scheduled is enough
+    await client.cancel("x1")
+    assert (await client.wait("x1", timeout=10)).status is FlowStatus.CANCELLED
+    code, out, _ = await ergon(server.address, *args, "--wait", "10")
+    assert code == 1 and "CANCELLED" in out, out
+
+
+async def test_schedule_input_is_an_empty_object_by_default_and_must_be_json() -> None:
+    async with (
+        ErgonTestServer(allow_unregistered_flow_types=True) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        code, out, _ = await ergon(server.address, "schedule", "Unrun", "--flow-id", "u1")
+        assert (code, out.strip()) == (0, "u1")
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        info = (await stub.GetFlow(scheduler_pb2.GetFlowRequest(flow_id="u1"))).flow
+        assert (info.input.encoding, json.loads(info.input.data)) == ("json/plain", {})
+        for command in (("schedule", "Unrun"), ("signal", "u1", "go")):
+            code, out, err = await ergon(server.address, *command, "--json", "{oops")
+            assert (code, out) == (2, ""), err
+            assert "argument --json: not valid JSON" in err, err
