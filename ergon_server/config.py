@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import TypeVar
 from ergon_server.auth import Tokens
 from ergon_server.engine.config import EngineConfig
 from ergon_server.errors import InvalidArgumentError
+from ergon_server.storage import create_store
 
 _T = TypeVar("_T")
 _N = TypeVar("_N", int, float)
@@ -55,23 +57,32 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise InvalidArgumentError("--tls-cert and --tls-key go together")
+            raise InvalidArgumentError(
+                f"{_setting('tls-cert')} and {_setting('tls-key')} go together"
+            )
         if self.max_message_bytes <= self.engine.max_payload_bytes:
             raise InvalidArgumentError(
-                f"--max-message-bytes ({self.max_message_bytes}) must exceed "
-                f"--max-payload-bytes ({self.engine.max_payload_bytes})"
+                f"{_setting('max-message-bytes')} must exceed {_setting('max-payload-bytes')}, "
+                f"got {self.max_message_bytes} and {self.engine.max_payload_bytes}"
             )
         if self.tls_client_ca is not None and self.tls_cert is None:
-            raise InvalidArgumentError("--tls-client-ca (mutual TLS) needs --tls-cert/--tls-key")
+            raise InvalidArgumentError(
+                f"{_setting('tls-client-ca')} (mutual TLS) needs {_setting('tls-cert')} and "
+                f"{_setting('tls-key')}"
+            )
+
+
+def _setting(flag: str) -> str:
+    """How messages name a setting: its flag and its variable, `--lease-ttl (ERGON_LEASE_TTL)`.
+
+    Either may have set it; the operator knows which.
+    """
+    return f"--{flag} (ERGON_{flag.upper().replace('-', '_')})"
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
-
-
-def _env(environ: Mapping[str, str], name: str, default: str) -> str:
-    return environ.get(f"ERGON_{name}", default)
 
 
 def _choice(*allowed: str, upper: bool = True) -> Callable[[str], str]:
@@ -86,14 +97,51 @@ def _choice(*allowed: str, upper: bool = True) -> Callable[[str], str]:
     return convert
 
 
-def _number(kind: Callable[[str], _N], what: str) -> Callable[[str], _N]:
+def _number(kind: Callable[[str], _N], what: str, least: _N) -> Callable[[str], _N]:
+    """A converter to a finite number of at least `least`; argparse reports what it raises."""
+
     def convert(value: str) -> _N:
         try:
-            return kind(value)
+            number = kind(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{value!r} is not {what}") from None
+        if not math.isfinite(number):
+            raise argparse.ArgumentTypeError(f"{value!r} is not a finite number")
+        if number < least:
+            raise argparse.ArgumentTypeError(f"{value!r} is less than {least}")
+        return number
 
     return convert
+
+
+def _address(value: str) -> str:
+    """A converter checking `host:port` (the host may be empty)."""
+    _, colon, port = value.rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not host:port (e.g. 127.0.0.1:9090)")
+    return value
+
+
+def _metrics_address(value: str) -> str | None:
+    """A converter checking `host:port`; empty means off."""
+    return _address(value) if value else None
+
+
+def _listen_address(value: str) -> str:
+    """A converter checking what gRPC may listen on: `host:port`, or a `unix:` socket."""
+    return value if value.startswith(("unix:", "unix-abstract:")) else _address(value)
+
+
+def _file(value: str) -> Path | None:
+    """A converter to a file that can be read; empty means none."""
+    if not value:
+        return None
+    path = Path(value)
+    try:
+        path.open("rb").close()
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot read {value}: {error.strerror}") from None
+    return path
 
 
 def _switch(value: str) -> bool:
@@ -139,17 +187,21 @@ def parse_args(
         "defaults).",
     )
     variables = _Environment(parser, env)
-    seconds = _number(float, "a number of seconds")
-    count = _number(int, "a whole number")
+    # At least a millisecond: the engine counts in them.
+    seconds = _number(float, "a number of seconds", 0.001)
+    count = _number(int, "a whole number", 1)
     synchronous = _choice("FULL", "NORMAL")
     log_level = _choice(*LOG_LEVELS)
     log_format = _choice("auto", "json", "text", upper=False)
     parser.add_argument(
-        "--listen", default=_env(env, "LISTEN", DEFAULT_LISTEN), help="host:port to serve on"
+        "--listen",
+        type=_listen_address,
+        default=variables.get("LISTEN", _listen_address, DEFAULT_LISTEN),
+        help="host:port to serve on",
     )
     parser.add_argument(
         "--db",
-        default=_env(env, "DB", DEFAULT_DB),
+        default=variables.get("DB", str, DEFAULT_DB),
         help="store URL: sqlite:///ergon.db (default), sqlite:////abs/path.db, memory://",
     )
     parser.add_argument(
@@ -208,7 +260,8 @@ def parse_args(
     )
     parser.add_argument(
         "--metrics-listen",
-        default=_env(env, "METRICS_LISTEN", "") or None,
+        type=_metrics_address,
+        default=variables.get("METRICS_LISTEN", _metrics_address, None),
         help="host:port to serve Prometheus metrics on (GET /metrics); off by default",
     )
     parser.add_argument(
@@ -223,23 +276,40 @@ def parse_args(
         ("tls-client-ca", "PEM CA bundle: require client certificates (mutual TLS)"),
         ("tokens-file", "file of ROLE:TOKEN lines (roles worker, client, admin)"),
     ):
-        value = _env(env, name.upper().replace("-", "_"), "")
+        variable = name.upper().replace("-", "_")
         parser.add_argument(
-            f"--{name}", type=Path, default=Path(value) if value else None, help=what
+            f"--{name}", type=_file, default=variables.get(variable, _file, None), help=what
         )
     args = parser.parse_args(argv)
+    # Each setting is checked where it is read (above), so its error names the flag or the
+    # variable that gave it; what is left are the settings that depend on one another.
     try:
-        tokens = None
-        if args.tokens_file is not None:
-            tokens = Tokens.from_file(args.tokens_file)
-        elif env.get("ERGON_TOKENS"):
-            tokens = Tokens.parse([env["ERGON_TOKENS"]], "ERGON_TOKENS")
+        # Built only to check the URL now, by name, rather than when the server starts.
+        create_store(args.db, sqlite_synchronous=args.sqlite_synchronous)
     except InvalidArgumentError as error:
-        parser.error(error.message)
+        parser.error(f"{_setting('db')}: {error.message}")
+    tokens = None
+    if args.tokens_file is not None:
+        try:
+            tokens = Tokens.from_file(args.tokens_file)
+        except InvalidArgumentError as error:
+            parser.error(f"{_setting('tokens-file')}: {error.message}")
+    elif env.get("ERGON_TOKENS"):
+        try:
+            tokens = Tokens.parse([env["ERGON_TOKENS"]], "ERGON_TOKENS")
+        except InvalidArgumentError as error:
+            parser.error(error.message)
+    lease_ttl_ms = int(args.lease_ttl * 1000)
+    heartbeat_interval_ms = int(args.heartbeat_interval * 1000)
+    if heartbeat_interval_ms * 2 > lease_ttl_ms:
+        parser.error(
+            f"{_setting('heartbeat-interval')} must be at most half of {_setting('lease-ttl')}, "
+            f"got {args.heartbeat_interval:g} s and {args.lease_ttl:g} s"
+        )
     try:
         engine = EngineConfig(
-            lease_ttl_ms=int(args.lease_ttl * 1000),
-            heartbeat_interval_ms=int(args.heartbeat_interval * 1000),
+            lease_ttl_ms=lease_ttl_ms,
+            heartbeat_interval_ms=heartbeat_interval_ms,
             max_payload_bytes=args.max_payload_bytes,
             max_streams_per_client=args.max_streams_per_client,
             max_page_size=args.max_page_size,

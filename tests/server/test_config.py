@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from ergon_server.config import parse_args
@@ -61,6 +66,86 @@ def test_a_bad_variable_is_refused_by_name_like_a_bad_flag(
         parse_args([], environ={variable: value})
     assert exit_info.value.code == 2
     assert f"{variable}: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("ERGON_LEASE_TTL", "-1", "'-1' is less than 0.001"),
+        ("ERGON_LEASE_TTL", "inf", "'inf' is not a finite number"),
+        ("ERGON_HEARTBEAT_INTERVAL", "0", "'0' is less than 0.001"),
+        ("ERGON_MAX_PAGE_SIZE", "0", "'0' is less than 1"),
+        ("ERGON_MAX_STREAMS_PER_CLIENT", "-3", "'-3' is less than 1"),
+        ("ERGON_MAX_PAYLOAD_BYTES", "0", "'0' is less than 1"),
+        ("ERGON_MAX_MESSAGE_BYTES", "-1", "'-1' is less than 1"),
+        ("ERGON_LISTEN", "localhost", "'localhost' is not host:port"),
+        ("ERGON_METRICS_LISTEN", "9090", "'9090' is not host:port"),
+        ("ERGON_TLS_CERT", "/no/such.pem", "cannot read /no/such.pem: No such file"),
+        ("ERGON_TLS_KEY", "/no/such.key", "cannot read /no/such.key: No such file"),
+        ("ERGON_TLS_CLIENT_CA", "/no/ca.pem", "cannot read /no/ca.pem: No such file"),
+        ("ERGON_TOKENS_FILE", "/no/tokens", "cannot read /no/tokens: No such file"),
+    ],
+)
+def test_a_variable_out_of_range_is_refused_by_name(
+    variable: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([], environ={variable: value})
+    assert exit_info.value.code == 2
+    assert f"{variable}: {message}" in capsys.readouterr().err
+
+
+def test_settings_that_disagree_are_refused_naming_their_variables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pem = tmp_path / "cert.pem"
+    pem.write_text("not checked here")
+    bad_tokens = tmp_path / "tokens.txt"
+    bad_tokens.write_text("client-without-a-token\n")
+    for environ, message in (
+        (
+            {"ERGON_HEARTBEAT_INTERVAL": "10"},
+            "--heartbeat-interval (ERGON_HEARTBEAT_INTERVAL) must be at most half of "
+            "--lease-ttl (ERGON_LEASE_TTL), got 10 s and 15 s",
+        ),
+        (
+            {"ERGON_MAX_MESSAGE_BYTES": "1000"},
+            "--max-message-bytes (ERGON_MAX_MESSAGE_BYTES) must exceed "
+            "--max-payload-bytes (ERGON_MAX_PAYLOAD_BYTES), got 1000 and 2097152",
+        ),
+        (
+            {"ERGON_TLS_CERT": str(pem)},
+            "--tls-cert (ERGON_TLS_CERT) and --tls-key (ERGON_TLS_KEY) go together",
+        ),
+        (
+            {"ERGON_TLS_CLIENT_CA": str(pem)},
+            "--tls-client-ca (ERGON_TLS_CLIENT_CA) (mutual TLS) needs --tls-cert",
+        ),
+        ({"ERGON_DB": "ergon.db"}, "--db (ERGON_DB): store URL 'ergon.db' has no scheme"),
+        ({"ERGON_DB": "mysql://x/y"}, "--db (ERGON_DB): store URL 'mysql://x/y': unknown"),
+        (
+            {"ERGON_TOKENS_FILE": str(bad_tokens)},
+            f"--tokens-file (ERGON_TOKENS_FILE): {bad_tokens}: expected ROLE:TOKEN",
+        ),
+        ({"ERGON_TOKENS": "admin:short"}, "ERGON_TOKENS: tokens must be at least 16"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args([], environ=environ)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"ergon-server: error: {message}" in err, err
+
+
+def test_a_bad_variable_stops_the_real_server_naming_it() -> None:
+    process = subprocess.run(
+        [sys.executable, "-m", "ergon_server", "--db", "memory://"],
+        env={**os.environ, "ERGON_LEASE_TTL": "-1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert process.returncode == 2
+    assert "ergon-server: error: ERGON_LEASE_TTL: '-1' is less than 0.001" in process.stderr
 
 
 def test_variables_and_flags_take_any_case_and_the_usual_switch_words() -> None:
