@@ -29,7 +29,8 @@ class ServerConfig:
     Attributes:
         listen: host:port to bind (port 0 picks a free one).
         db: the store URL: `sqlite:///path.db` (default, relative to the working directory),
-            `sqlite:////absolute/path.db`, or `memory://` (nothing kept; for tests).
+            `sqlite:////absolute/path.db`, `postgresql://user@host:5432/db`, or `memory://`
+            (nothing kept; for tests).
         sqlite_synchronous: SQLite's `synchronous` pragma: FULL (default, durable on power
             loss) or NORMAL (durable across process crashes only).
         max_message_bytes: the largest gRPC message accepted or sent.
@@ -202,7 +203,9 @@ def parse_args(
     parser.add_argument(
         "--db",
         default=variables.get("DB", str, DEFAULT_DB),
-        help="store URL: sqlite:///ergon.db (default), sqlite:////abs/path.db, memory://",
+        help="store URL: sqlite:///ergon.db (default; one server per file), "
+        "sqlite:////abs/path.db, postgresql://user@host:5432/db (several replicas may share "
+        "it), memory:// (nothing kept; for tests)",
     )
     parser.add_argument(
         "--sqlite-synchronous",

@@ -148,6 +148,15 @@ def test_a_bad_variable_stops_the_real_server_naming_it() -> None:
     assert "ergon-server: error: ERGON_LEASE_TTL: '-1' is less than 0.001" in process.stderr
 
 
+def test_help_names_every_kind_of_store(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"], environ={})
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for url in ("sqlite:///ergon.db", "sqlite:////abs/path.db", "postgresql://", "memory://"):
+        assert url in help_text, help_text
+
+
 def test_variables_and_flags_take_any_case_and_the_usual_switch_words() -> None:
     config = parse_args(
         [],
