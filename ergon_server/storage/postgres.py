@@ -17,6 +17,9 @@ around it: the usual batch while one flow runs its steps, three round trips fewe
 bypass the lane and run on the pool's other connections.
 
 Processes sharing the database (replicas). Nothing coordinates them but the database, so:
+- Every transaction runs at READ COMMITTED, whatever the database or role defaults to: each
+  statement sees what was committed before it started, so what a transaction reads after a
+  row lock includes everything the lock's previous holder wrote.
 - Every write to a flow's rows (its flows row, journal, waits, signals) holds that flow's row
   lock (`SELECT ... FOR UPDATE`). A batch of more than one command first locks every flow it
   names in one statement, sorted by flow_id, so two replicas' batches lock in the same order
@@ -1409,6 +1412,8 @@ class _PostgresMigrationTarget:
 
     Every step holds a transaction-level advisory lock, so replicas starting together take
     turns: the first applies a file, the others find its version recorded and apply nothing.
+    The transactions are READ COMMITTED: the version is read after the lock is granted, and
+    must include what the previous holder committed.
     """
 
     def __init__(self, conn: _Conn) -> None:
@@ -1416,7 +1421,7 @@ class _PostgresMigrationTarget:
 
     async def ensure_version_table(self) -> None:
         # Two CREATE TABLE IF NOT EXISTS running at once can both try to create the type.
-        async with self._conn.transaction():
+        async with self._conn.transaction(isolation="read_committed"):
             await self._conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
             await self._conn.execute(SCHEMA_VERSION_DDL)
 
@@ -1425,7 +1430,7 @@ class _PostgresMigrationTarget:
         return int(version)
 
     async def apply(self, migration: Migration) -> None:
-        async with self._conn.transaction():
+        async with self._conn.transaction(isolation="read_committed"):
             await self._conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
             if await self.current_version() < migration.version:
                 # No parameters: the simple query protocol runs the whole file.
@@ -1564,7 +1569,9 @@ class PostgresStore(BatchedStore):
         connect_timeout_s: How long opening one connection may take.
         keepalive_s: How often the idle LISTEN connection is pinged.
         server_settings: Session settings for every connection, over the defaults
-            (application_name "ergon-server", idle_in_transaction_session_timeout 60 s).
+            (application_name "ergon-server", idle_in_transaction_session_timeout 60 s);
+            default_transaction_isolation is always "read committed", which the store's
+            locking relies on.
     """
 
     shared = True  # replicas share the database
@@ -1631,6 +1638,14 @@ class PostgresStore(BatchedStore):
             # not hold its row locks, and so the other replicas, for longer than this.
             "idle_in_transaction_session_timeout": "60000",
             **(server_settings or {}),
+            # Fixed, whatever the database or role defaults to: a lane transaction reads
+            # other tables after taking a flow's row lock, and must see what the lock's
+            # previous holder committed (READ COMMITTED takes a snapshot per statement). Under
+            # REPEATABLE READ it would read them as they were before the lock wait, and a
+            # signal sent meanwhile by another replica would be missed by a wait registered
+            # now. The lane's BEGIN names the level too; this covers the single-statement
+            # step records and the reads.
+            "default_transaction_isolation": "read committed",
         }
         self._pool: asyncpg.Pool | None = None
         # The lane's connection, held across batches (released on errors and at close).
@@ -1755,7 +1770,7 @@ class PostgresStore(BatchedStore):
         # BEGIN and COMMIT by hand, not with asyncpg's `Transaction`: the commit goes in one
         # message with the notifications (`_Tx.commit`), which that class cannot do.
         try:
-            await conn.execute("BEGIN")
+            await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
         except Exception as exc:
             # The held connection died while idle (a server restart, an idle timeout): no
             # statement of the batch ran, so running it again on a fresh connection is safe.

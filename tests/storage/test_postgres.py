@@ -8,6 +8,7 @@ instances (two pools, as two server replicas would have) racing on the same rows
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -33,6 +34,7 @@ from ergon_server.model import (
     WaitRequest,
 )
 from ergon_server.storage import create_store
+from ergon_server.storage.memory import MemoryStore
 from ergon_server.storage.postgres import (
     PostgresStore,
     _batch_flows,
@@ -55,6 +57,7 @@ from tests.storage.support import (
     step,
 )
 from tests.support import postgres as pg
+from tests.support.processes import eventually
 
 READY = StoreEventKind.READY
 
@@ -282,6 +285,87 @@ async def test_children_ending_while_parents_register_are_never_lost(
         assert record.status in (FlowStatus.PENDING, FlowStatus.RUNNING), p.flow_id
 
 
+@pytest.fixture
+async def repeatable_read_dsn() -> AsyncIterator[str]:
+    """A database whose sessions default to REPEATABLE READ (a setting the store must not need)."""
+    async with pg.temporary_database("ergon_rr") as url:
+        name = urlsplit(url).path.lstrip("/")
+        await pg.execute(
+            url, f"ALTER DATABASE \"{name}\" SET default_transaction_isolation = 'repeatable read'"
+        )
+        yield url
+
+
+# Sessions of one application waiting for a lock.
+LOCK_WAITERS = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+    "AND application_name = $1 AND wait_event_type = 'Lock'"
+)
+
+
+async def _waiting_for_a_lock(dsn: str, application_name: str) -> None:
+    await eventually(
+        lambda: _fetch_value(dsn, LOCK_WAITERS, application_name),
+        within=10.0,
+        interval=0.01,
+        what=f"{application_name} waits for a lock",
+    )
+
+
+async def test_a_signal_sent_while_a_wait_waits_for_the_lock_is_not_lost_at_repeatable_read(
+    repeatable_read_dsn: str,
+) -> None:
+    """One replica's signal commits while the other's wait is queued for the flow's lock.
+
+    The wait's transaction started (and, at REPEATABLE READ, took its snapshot) before the
+    signal committed; reading the mailbox after the lock must still find it, as the calls made
+    one after the other on any store would.
+    """
+    dsn = repeatable_read_dsn
+    assert await _fetch_value(dsn, "SHOW default_transaction_isolation") == "repeatable read"
+    waiter, sender = replica(dsn, "ergon-rr-waiter"), replica(dsn, "ergon-rr-sender")
+    holder: asyncpg.Connection = await asyncpg.connect(dsn)
+    try:
+        await waiter.open()
+        await sender.open()
+        claimed = await claim_one(waiter, "f1")
+        wait = WaitRequest("f1", claimed.lease_token, "sig", EntryKind.SIGNAL, signal_name="go")
+        # A third session holds the flow's row lock, so the two queue behind it in a known
+        # order: first the signal, then the wait.
+        locked = holder.transaction()
+        await locked.start()
+        await holder.execute("SELECT 1 FROM flows WHERE flow_id = 'f1' FOR UPDATE")
+        sending = asyncio.create_task(sender.send_signal("f1", "go", b"payload", "r1", T0 + 1))
+        await _waiting_for_a_lock(dsn, "ergon-rr-sender")
+        registering = asyncio.create_task(waiter.register_waits([wait], T0 + 2))
+        await _waiting_for_a_lock(dsn, "ergon-rr-waiter")
+        await locked.commit()
+        sent, (registered,) = await asyncio.gather(sending, registering)
+    finally:
+        await holder.close()
+        await asyncio.gather(waiter.close(), sender.close())
+    # The same calls, one after the other, on the memory store.
+    memory = MemoryStore()
+    await memory.open()
+    expected_claim = await claim_one(memory, "f1")
+    expected_sent = await memory.send_signal("f1", "go", b"payload", "r1", T0 + 1)
+    (expected,) = await memory.register_waits(
+        [dataclasses.replace(wait, lease_token=expected_claim.lease_token)], T0 + 2
+    )
+    await memory.close()
+    assert sent == expected_sent
+    assert registered == expected
+    assert registered.entry is not None and registered.entry.result == b"payload"
+
+
+async def _fetch_value(dsn: str, sql: str, *args: object) -> Any:
+    conn: asyncpg.Connection = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(sql, *args)
+    finally:
+        await conn.close()
+
+
 # --- notifications ---------------------------------------------------------------------------
 
 
@@ -461,6 +545,12 @@ async def test_replicas_starting_together_migrate_once(dsn: str) -> None:
         assert await stores[1].schedule_flows([flow("f")], T0) == [ScheduleResult("f", EXISTING)]
     finally:
         await asyncio.gather(*(store.close() for store in stores))
+
+
+async def test_replicas_starting_together_migrate_once_at_repeatable_read(
+    repeatable_read_dsn: str,
+) -> None:
+    await test_replicas_starting_together_migrate_once(repeatable_read_dsn)
 
 
 async def test_newer_schema_is_refused(dsn: str) -> None:
