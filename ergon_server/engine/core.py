@@ -439,6 +439,8 @@ class Engine:
         cursor: int | None,
     ) -> FlowPage:
         """One page of flows; page_size 0 means the default."""
+        if flow_type is not None:
+            validate_id(flow_type, "flow_type")
         if page_size < 0:
             raise InvalidArgumentError("page_size must not be negative", "INVALID_PAGE_SIZE")
         size = min(page_size or DEFAULT_PAGE_SIZE, self.config.max_page_size)

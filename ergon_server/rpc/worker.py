@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from ergon_server.engine import Engine
+from ergon_server.engine.core import validate_id
 from ergon_server.engine.sessions import (
     AckOut,
     AssignmentOut,
@@ -72,7 +73,13 @@ Requests = AsyncIterator[worker_pb2.ConnectRequest | Undecodable]
 
 
 def _check_lease(flow_id: str, lease_token: int) -> int:
-    """Refuse a lease token no server gives (over 2**63 - 1) as a lost lease."""
+    """Refuse a flow id no schedule accepts, and a lease token no server gives (> 2**63 - 1).
+
+    The flow id as `validate_id` checks it (INVALID_ID): such a flow cannot exist, and text
+    with control characters must not reach the store (PostgreSQL cannot hold NUL). The token
+    as a lost lease.
+    """
+    validate_id(flow_id, "flow_id")
     if lease_token > MAX_LEASE_TOKEN:
         raise FailedPreconditionError(
             f"lease_token {lease_token} on flow {flow_id!r} is not one this server gave",
@@ -89,6 +96,24 @@ def _check_key(key: str, what: str) -> None:
             "not starting with '$'",
             "INVALID_ID",
         )
+
+
+def _check_args_hash(args_hash: str) -> None:
+    # As keys are: it is stored with the entry, and no backend may differ on what it holds.
+    if len(args_hash) > MAX_KEY_LENGTH or not args_hash.isprintable():
+        raise InvalidArgumentError(
+            f"a step's args_hash must be at most {MAX_KEY_LENGTH} printable characters",
+            "INVALID_ID",
+        )
+
+
+def _held_lease(held: worker_pb2.HeldLease) -> bool:
+    """Whether a held lease could be one a server gave (else it is simply lost)."""
+    try:
+        _check_lease(held.flow_id, held.lease_token)
+    except ErgonError:
+        return False
+    return True
 
 
 def _keys(keys: Sequence[str], what: str) -> tuple[str, ...]:
@@ -177,12 +202,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             list(register.flow_types),
             register.capacity,
             register.protocol_version,
-            # A token no server gave cannot be re-attached: that lease is simply lost.
-            [
-                Lease(h.flow_id, h.lease_token)
-                for h in register.held_leases
-                if h.lease_token <= MAX_LEASE_TOKEN
-            ],
+            # A flow id or token no server gave cannot be re-attached: that lease is lost.
+            [Lease(h.flow_id, h.lease_token) for h in register.held_leases if _held_lease(h)],
             peer=context.peer() or "",
         )
         try:
@@ -475,11 +496,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             fire_at = now + wait.timer.fire_in_ms
             return base(kind=EntryKind.TIMER, fire_at=fire_at)
         if kind == "signal":
-            if not wait.signal.name:
-                raise InvalidArgumentError("a signal wait needs a name", "INVALID_ID")
+            # As SendSignal checks the names it delivers to.
+            validate_id(wait.signal.name, "a signal wait's name")
             return base(kind=EntryKind.SIGNAL, signal_name=wait.signal.name)
         if kind == "child":
             child = wait.child
+            validate_id(child.flow_type, "a child flow's flow_type")
             data = convert.payload_bytes(
                 child.input, self._engine.config.max_payload_bytes, "the child flow input"
             )
@@ -509,6 +531,7 @@ def _step_record(result: worker_pb2.StepResult, limit: int) -> StepRecord:
     kind = convert.ENTRY_KIND_FROM_PROTO.get(result.kind, EntryKind.STEP)
     _check_lease(result.flow_id, result.lease_token)
     _check_key(result.key, "a step result")
+    _check_args_hash(result.args_hash)
     status: EntryStatus
     data: bytes | None = None
     failure: Failure | None = None

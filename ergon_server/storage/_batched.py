@@ -63,8 +63,14 @@ from ergon_server.model import (
 from ergon_server.storage._checks import (
     cancellation_failure,
     check_finish,
+    check_leases,
     check_new_flow,
+    check_park,
     check_park_delays,
+    check_step_record,
+    check_suspend,
+    check_text,
+    check_texts,
     check_wait,
     child_entry,
     park_delay_ms,
@@ -1562,6 +1568,7 @@ class BatchedStore:
 
     async def register_flow_types(self, flow_types: Sequence[str], now_ms: int) -> None:
         """Remember that workers run these flow types (kept across restarts)."""
+        check_texts(flow_types, "a flow_type")
         types = unique(flow_types)
         await self._submit(self._commands.register_flow_types(self._future(), types, now_ms))
 
@@ -1586,6 +1593,8 @@ class BatchedStore:
         On PostgreSQL, rows another replica holds locked at that moment are skipped (SKIP
         LOCKED), so two replicas never claim one flow and never wait for each other.
         """
+        check_text(session_id, "a session_id")
+        check_texts(flow_types, "a flow_type")
         command = self._commands.claim_flows(
             self._future(), session_id, unique(flow_types), limit, lease_expires_at, now_ms
         )
@@ -1593,6 +1602,8 @@ class BatchedStore:
 
     async def record_steps(self, records: Sequence[StepRecord], now_ms: int) -> list[WriteOutcome]:
         """Apply step outcomes, fenced, one outcome per record in order."""
+        for record in records:
+            check_step_record(record)
         return await self._submit(
             self._commands.record_steps(self._future(), list(records), now_ms)
         )
@@ -1613,6 +1624,7 @@ class BatchedStore:
 
     async def release_flows(self, leases: Sequence[Lease], now_ms: int) -> list[WriteOutcome]:
         """Give flows back unfinished: RUNNING -> PENDING, ready now, lease cleared, fenced."""
+        check_leases(leases)
         return await self._submit(
             self._commands.release_flows(self._future(), list(leases), now_ms)
         )
@@ -1621,6 +1633,8 @@ class BatchedStore:
         self, session_id: str, lease_expires_at: int, flow_ids: Sequence[str] | None = None
     ) -> int:
         """Extend the session's RUNNING leases (only on `flow_ids` if given); how many."""
+        check_text(session_id, "a session_id")
+        check_texts(flow_ids or (), "a flow_id")
         only = None if flow_ids is None else tuple(unique(flow_ids))
         return await self._submit(
             self._commands.renew_leases(self._future(), session_id, lease_expires_at, only)
@@ -1634,6 +1648,8 @@ class BatchedStore:
         A lease is live while `now_ms <= lease_expires_at` (`expire_leases` takes it only
         once `lease_expires_at < now_ms`).
         """
+        check_text(session_id, "a session_id")
+        check_leases(leases)
         command = self._commands.reattach_leases(
             self._future(), session_id, list(leases), lease_expires_at, now_ms
         )
@@ -1651,6 +1667,7 @@ class BatchedStore:
         The cancellation (`cancellation_failure(reason)`) is the entry's error and, once the
         flow is CANCELLED, the flow's error; a flow cancelled twice keeps the first.
         """
+        check_text(flow_id, "a flow_id")
         return await self._submit(
             self._commands.cancel_flow(self._future(), flow_id, reason, now_ms)
         )
@@ -1659,6 +1676,9 @@ class BatchedStore:
         self, flow_id: str, name: str, payload: bytes, request_id: str, now_ms: int
     ) -> SignalResult:
         """Append a signal to the flow's (flow, name) mailbox; an open wait consumes it."""
+        check_text(flow_id, "a flow_id")
+        check_text(name, "a signal name")
+        check_text(request_id, "a request_id")
         command = self._commands.send_signal(
             self._future(), flow_id, name, payload, request_id, now_ms
         )
@@ -1673,6 +1693,7 @@ class BatchedStore:
         nothing. On CONFLICT no signal is delivered and the signal answer is NOT_FOUND.
         """
         check_new_flow(flow)
+        check_text(name, "a signal name")
         command = self._commands.signal_with_schedule(self._future(), flow, name, payload, now_ms)
         return await self._submit(command)
 
@@ -1698,6 +1719,8 @@ class BatchedStore:
         answer; other open waits are left alone. RESUME carries the entries of `open_keys` in
         journal order.
         """
+        for request in requests:
+            check_suspend(request)
         return await self._submit(
             self._commands.suspend_flows(self._future(), list(requests), now_ms)
         )
@@ -1719,6 +1742,8 @@ class BatchedStore:
     ) -> list[WriteOutcome]:
         """Park flows whose code no longer matches their journal, fenced."""
         check_park_delays(initial_delay_ms, max_delay_ms)
+        for park in parks:
+            check_park(park)
         command = self._commands.park_flows(
             self._future(), list(parks), now_ms, initial_delay_ms, max_delay_ms
         )

@@ -1,6 +1,15 @@
-"""Argument checks and shared values every backend applies the same way."""
+"""Argument checks and shared values every backend applies the same way.
+
+Text: PostgreSQL cannot hold a NUL character in a TEXT value (nor take one as a parameter),
+while SQLite and memory keep it. So every store refuses, before anything runs, a NUL in any
+text it stores or looks up (`check_text`): the same answer everywhere, and on PostgreSQL no
+failing statement that would roll back a whole group commit. Failures, labels and retry
+policies are stored as JSON, which escapes NUL, so they may hold any text.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from ergon_server.errors import InvalidArgumentError
 from ergon_server.model import (
@@ -10,24 +19,98 @@ from ergon_server.model import (
     Failure,
     FlowFinish,
     FlowStatus,
+    Lease,
     NewFlow,
+    Park,
+    StepRecord,
+    SuspendRequest,
     WaitRequest,
 )
 
+# How much of a refused value an error message quotes.
+_SHOWN = 60
+
+
+def check_text(value: str, what: str) -> None:
+    """Refuse text holding a NUL character, which PostgreSQL cannot store.
+
+    Args:
+        value: The text to store or look up.
+        what: What it is, for the message.
+
+    Raises:
+        InvalidArgumentError: `value` holds a NUL character.
+    """
+    if "\x00" in value:
+        shown = repr(value[:_SHOWN]) + ("..." if len(value) > _SHOWN else "")
+        raise InvalidArgumentError(f"{what} must not hold a NUL character: {shown}")
+
+
+def check_texts(values: Iterable[str], what: str) -> None:
+    """`check_text` on each of `values`."""
+    for value in values:
+        check_text(value, what)
+
 
 def check_new_flow(flow: NewFlow) -> None:
-    """Refuse a flow to schedule that has no id or no type.
+    """Refuse a flow to schedule that has no id or no type, or text with a NUL.
 
     Args:
         flow: The flow to schedule.
 
     Raises:
-        InvalidArgumentError: `flow_id` or `flow_type` is empty.
+        InvalidArgumentError: `flow_id` or `flow_type` is empty, or a field holds a NUL.
     """
     if not flow.flow_id:
         raise InvalidArgumentError("a flow needs a non-empty flow_id")
     if not flow.flow_type:
         raise InvalidArgumentError(f"flow {flow.flow_id!r} needs a non-empty flow_type")
+    check_text(flow.flow_id, "a flow_id")
+    check_text(flow.flow_type, "a flow_type")
+    check_text(flow.request_id, "a request_id")
+    check_text(flow.parent_flow_id, "a parent flow_id")
+    check_text(flow.parent_key, "a parent key")
+
+
+def check_step_record(record: StepRecord) -> None:
+    """Refuse a step record whose flow_id, key or args_hash holds a NUL.
+
+    Raises:
+        InvalidArgumentError: A field holds a NUL.
+    """
+    check_text(record.flow_id, "a step's flow_id")
+    check_text(record.key, "a step's key")
+    check_text(record.args_hash, "a step's args_hash")
+
+
+def check_leases(leases: Iterable[Lease]) -> None:
+    """Refuse leases whose flow_id holds a NUL.
+
+    Raises:
+        InvalidArgumentError: A flow_id holds a NUL.
+    """
+    for lease in leases:
+        check_text(lease.flow_id, "a lease's flow_id")
+
+
+def check_suspend(request: SuspendRequest) -> None:
+    """Refuse a suspend whose flow_id or keys hold a NUL.
+
+    Raises:
+        InvalidArgumentError: A field holds a NUL.
+    """
+    check_text(request.flow_id, "a suspend's flow_id")
+    check_texts(request.open_keys, "a suspend's open key")
+    check_texts(request.abandoned_keys, "a suspend's given-up key")
+
+
+def check_park(park: Park) -> None:
+    """Refuse a park whose flow_id holds a NUL.
+
+    Raises:
+        InvalidArgumentError: The flow_id holds a NUL.
+    """
+    check_text(park.flow_id, "a park's flow_id")
 
 
 def check_finish(finish: FlowFinish) -> None:
@@ -46,6 +129,8 @@ def check_finish(finish: FlowFinish) -> None:
         )
     if finish.retry_delay_ms < 0:
         raise InvalidArgumentError(f"retry_delay_ms must not be negative (flow {finish.flow_id!r})")
+    check_text(finish.flow_id, "a finish's flow_id")
+    check_texts(finish.requires_keys, "a finish's required key")
 
 
 def check_limit(limit: int) -> None:
@@ -77,10 +162,12 @@ def check_wait(wait: WaitRequest) -> None:
         wait: The wait to register.
 
     Raises:
-        InvalidArgumentError: The key is empty or reserved, the kind is not a wait, or the
+        InvalidArgumentError: The key is empty or reserved, the kind is not a wait, the
             kind's own field is missing (TIMER `fire_at`, SIGNAL `signal_name`, CHILD `child`,
-            which must be another flow).
+            which must be another flow), or text holds a NUL.
     """
+    check_text(wait.flow_id, "a wait's flow_id")
+    check_text(wait.key, "a wait's key")
     where = f"(flow {wait.flow_id!r}, key {wait.key!r})"
     if not wait.key:
         raise InvalidArgumentError(f"a wait needs a non-empty key {where}")
@@ -92,6 +179,7 @@ def check_wait(wait: WaitRequest) -> None:
     elif wait.kind is EntryKind.SIGNAL:
         if not wait.signal_name:
             raise InvalidArgumentError(f"a SIGNAL wait needs a signal_name {where}")
+        check_text(wait.signal_name, "a wait's signal_name")
     elif wait.kind is EntryKind.CHILD:
         if wait.child is None:
             raise InvalidArgumentError(f"a CHILD wait needs a child flow {where}")

@@ -61,9 +61,15 @@ from ergon_server.model import (
 from ergon_server.storage._checks import (
     cancellation_failure,
     check_finish,
+    check_leases,
     check_limit,
     check_new_flow,
+    check_park,
     check_park_delays,
+    check_step_record,
+    check_suspend,
+    check_text,
+    check_texts,
     check_wait,
     child_entry,
     park_delay_ms,
@@ -246,12 +252,14 @@ class MemoryStore:
     async def register_flow_types(self, flow_types: Sequence[str], now_ms: int) -> None:
         """Remember that workers run these flow types."""
         self._check_open()
+        check_texts(flow_types, "a flow_type")
         for flow_type in flow_types:
             self._flow_types.setdefault(flow_type, now_ms)
 
     async def known_flow_types(self, flow_types: Sequence[str]) -> set[str]:
         """Which of these flow types were ever registered."""
         self._check_open()
+        check_texts(flow_types, "a flow_type")
         return {flow_type for flow_type in flow_types if flow_type in self._flow_types}
 
     def _schedule(self, flow: NewFlow, now_ms: int) -> ScheduleResult:
@@ -292,6 +300,7 @@ class MemoryStore:
     async def get_flow(self, flow_id: str) -> FlowRecord | None:
         """The flow, or None."""
         self._check_open()
+        check_text(flow_id, "a flow_id")
         flow = self._flows.get(flow_id)
         return flow.record() if flow is not None else None
 
@@ -305,6 +314,7 @@ class MemoryStore:
         """Flows in scheduling order, filtered (empty statuses / None type: any), paged."""
         self._check_open()
         check_limit(limit)
+        check_text(flow_type or "", "a flow_type")
         after = cursor if cursor is not None else 0
         wanted = set(statuses)
         page: list[_Flow] = []
@@ -331,6 +341,7 @@ class MemoryStore:
         """Journal entries of the flow with sequence > after_sequence, in order, at most limit."""
         self._check_open()
         check_limit(limit)
+        check_text(flow_id, "a flow_id")
         flow = self._flows.get(flow_id)
         if flow is None:
             return []
@@ -340,6 +351,8 @@ class MemoryStore:
     async def get_entry(self, flow_id: str, key: str) -> JournalRecord | None:
         """One journal entry of a flow, or None."""
         self._check_open()
+        check_text(flow_id, "a flow_id")
+        check_text(key, "a key")
         flow = self._flows.get(flow_id)
         entry = None if flow is None else flow.journal.get(key)
         return None if entry is None else entry.record()
@@ -370,6 +383,8 @@ class MemoryStore:
     ) -> list[ClaimedFlow]:
         """Lease up to `limit` PENDING flows of these types whose ready_at <= now_ms."""
         self._check_open()
+        check_text(session_id, "a session_id")
+        check_texts(flow_types, "a flow_type")
         if limit <= 0:
             return []
         types = set(flow_types)
@@ -407,6 +422,7 @@ class MemoryStore:
     async def next_ready_at(self, flow_types: Sequence[str]) -> int | None:
         """The earliest ready_at among PENDING flows of these types, or None."""
         self._check_open()
+        check_texts(flow_types, "a flow_type")
         types = set(flow_types)
         ready_at = [
             flow.ready_at
@@ -426,6 +442,8 @@ class MemoryStore:
     async def record_steps(self, records: Sequence[StepRecord], now_ms: int) -> list[WriteOutcome]:
         """Apply step outcomes, fenced, one outcome per record in order."""
         self._check_open()
+        for checked in records:
+            check_step_record(checked)
         outcomes: list[WriteOutcome] = []
         for record in records:
             flow, outcome = self._fenced(record.flow_id, record.lease_token)
@@ -589,6 +607,7 @@ class MemoryStore:
     async def release_flows(self, leases: Sequence[Lease], now_ms: int) -> list[WriteOutcome]:
         """Give flows back unfinished: RUNNING -> PENDING, ready now, lease cleared, fenced."""
         self._check_open()
+        check_leases(leases)
         outcomes: list[WriteOutcome] = []
         for lease in leases:
             flow, outcome = self._fenced(lease.flow_id, lease.lease_token)
@@ -605,6 +624,8 @@ class MemoryStore:
     ) -> int:
         """Extend the session's RUNNING leases (only on `flow_ids` if given); how many."""
         self._check_open()
+        check_text(session_id, "a session_id")
+        check_texts(flow_ids or (), "a flow_id")
         only = None if flow_ids is None else set(flow_ids)
         renewed = 0
         for flow in self._flows.values():
@@ -624,6 +645,8 @@ class MemoryStore:
         once `lease_expires_at < now_ms`).
         """
         self._check_open()
+        check_text(session_id, "a session_id")
+        check_leases(leases)
         moved: list[str] = []
         for lease in leases:
             flow = self._flows.get(lease.flow_id)
@@ -669,6 +692,7 @@ class MemoryStore:
         flow is CANCELLED, the flow's error; a flow cancelled twice keeps the first.
         """
         self._check_open()
+        check_text(flow_id, "a flow_id")
         flow = self._flows.get(flow_id)
         if flow is None:
             return CancelOutcome.NOT_FOUND, []
@@ -736,6 +760,9 @@ class MemoryStore:
     ) -> SignalResult:
         """Append a signal to the flow's (flow, name) mailbox; an open wait consumes it."""
         self._check_open()
+        check_text(flow_id, "a flow_id")
+        check_text(name, "a signal name")
+        check_text(request_id, "a request_id")
         return self._signal(flow_id, name, payload, request_id, now_ms)
 
     async def signal_with_schedule(
@@ -748,6 +775,7 @@ class MemoryStore:
         """
         self._check_open()
         check_new_flow(flow)
+        check_text(name, "a signal name")
         scheduled = self._schedule(flow, now_ms)
         if scheduled.outcome is ScheduleOutcome.CONFLICT:
             return scheduled, SignalResult(SignalOutcome.NOT_FOUND)
@@ -831,6 +859,8 @@ class MemoryStore:
         journal order.
         """
         self._check_open()
+        for checked in requests:
+            check_suspend(checked)
         results: list[SuspendResult] = []
         satisfied: list[Satisfied] = []
         for request in requests:
@@ -916,6 +946,8 @@ class MemoryStore:
         """Park flows whose code no longer matches their journal, fenced."""
         self._check_open()
         check_park_delays(initial_delay_ms, max_delay_ms)
+        for checked in parks:
+            check_park(checked)
         outcomes: list[WriteOutcome] = []
         for park in parks:
             flow, outcome = self._fenced(park.flow_id, park.lease_token)

@@ -128,6 +128,8 @@ from ergon_server.storage._batched import (
 )
 from ergon_server.storage._checks import (
     check_limit,
+    check_text,
+    check_texts,
 )
 from ergon_server.storage.migrate import (
     SCHEMA_VERSION_DDL,
@@ -1816,6 +1818,7 @@ class PostgresStore(BatchedStore):
 
     async def get_flow(self, flow_id: str) -> FlowRecord | None:
         """The flow, or None."""
+        check_text(flow_id, "a flow_id")
         rows = await self._read(f"SELECT {FLOW_COLUMNS} FROM flows WHERE flow_id = $1", flow_id)
         return flow_from_row(rows[0]) if rows else None
 
@@ -1828,6 +1831,7 @@ class PostgresStore(BatchedStore):
     ) -> FlowPage:
         """Flows in scheduling order, filtered (empty statuses / None type: any), paged."""
         check_limit(limit)
+        check_text(flow_type or "", "a flow_type")
         where = ["seq > $1"]
         params: list[object] = [cursor if cursor is not None else 0]
         wanted = unique(status.value for status in statuses)
@@ -1855,6 +1859,7 @@ class PostgresStore(BatchedStore):
     ) -> list[JournalRecord]:
         """Journal entries of the flow with sequence > after_sequence, in order, at most limit."""
         check_limit(limit)
+        check_text(flow_id, "a flow_id")
         rows = await self._read(
             f"{HISTORY_SELECT} WHERE j.flow_id = $1 AND j.sequence > $2 "
             "ORDER BY j.sequence LIMIT $3",
@@ -1866,6 +1871,8 @@ class PostgresStore(BatchedStore):
 
     async def get_entry(self, flow_id: str, key: str) -> JournalRecord | None:
         """One journal entry of a flow, or None."""
+        check_text(flow_id, "a flow_id")
+        check_text(key, "a key")
         rows = await self._read(
             f"SELECT {JOURNAL_COLUMNS} FROM journal WHERE flow_id = $1 AND key = $2",
             flow_id,
@@ -1882,6 +1889,7 @@ class PostgresStore(BatchedStore):
 
     async def next_ready_at(self, flow_types: Sequence[str]) -> int | None:
         """The earliest ready_at among PENDING flows of these types, or None."""
+        check_texts(flow_types, "a flow_type")
         types = unique(flow_types)
         if not types:
             self._reader()
@@ -1897,6 +1905,7 @@ class PostgresStore(BatchedStore):
 
     async def known_flow_types(self, flow_types: Sequence[str]) -> set[str]:
         """Which of these flow types were ever registered."""
+        check_texts(flow_types, "a flow_type")
         types = unique(flow_types)
         rows = await self._read(
             "SELECT flow_type FROM flow_types WHERE flow_type = ANY($1::text[])", types

@@ -114,6 +114,8 @@ from ergon_server.storage._batched import (
 )
 from ergon_server.storage._checks import (
     check_limit,
+    check_text,
+    check_texts,
 )
 from ergon_server.storage.migrate import (
     SCHEMA_VERSION_DDL,
@@ -1442,6 +1444,7 @@ class SqliteStore(BatchedStore):
 
     async def get_flow(self, flow_id: str) -> FlowRecord | None:
         """The flow, or None."""
+        check_text(flow_id, "a flow_id")
         rows = await self._read(f"SELECT {FLOW_COLUMNS} FROM flows WHERE flow_id = ?", (flow_id,))
         return flow_from_row(rows[0]) if rows else None
 
@@ -1454,6 +1457,7 @@ class SqliteStore(BatchedStore):
     ) -> FlowPage:
         """Flows in scheduling order, filtered (empty statuses / None type: any), paged."""
         check_limit(limit)
+        check_text(flow_type or "", "a flow_type")
         where = ["seq > ?"]
         params: list[object] = [cursor if cursor is not None else 0]
         wanted = unique(status.value for status in statuses)
@@ -1479,6 +1483,7 @@ class SqliteStore(BatchedStore):
     ) -> list[JournalRecord]:
         """Journal entries of the flow with sequence > after_sequence, in order, at most limit."""
         check_limit(limit)
+        check_text(flow_id, "a flow_id")
         rows = await self._read(
             f"{HISTORY_SELECT} WHERE j.flow_id = ? AND j.sequence > ? ORDER BY j.sequence LIMIT ?",
             (flow_id, after_sequence, limit),
@@ -1487,6 +1492,8 @@ class SqliteStore(BatchedStore):
 
     async def get_entry(self, flow_id: str, key: str) -> JournalRecord | None:
         """One journal entry of a flow, or None."""
+        check_text(flow_id, "a flow_id")
+        check_text(key, "a key")
         rows = await self._read(
             f"SELECT {JOURNAL_COLUMNS} FROM journal WHERE flow_id = ? AND key = ?",
             (flow_id, key),
@@ -1506,6 +1513,7 @@ class SqliteStore(BatchedStore):
 
     async def next_ready_at(self, flow_types: Sequence[str]) -> int | None:
         """The earliest ready_at among PENDING flows of these types, or None."""
+        check_texts(flow_types, "a flow_type")
         types = unique(flow_types)
         if not types:
             self._check_open()
@@ -1526,6 +1534,7 @@ class SqliteStore(BatchedStore):
 
     async def known_flow_types(self, flow_types: Sequence[str]) -> set[str]:
         """Which of these flow types were ever registered."""
+        check_texts(flow_types, "a flow_type")
         types = unique(flow_types)
         self._check_open()
         known: set[str] = set()

@@ -522,6 +522,7 @@ def list_flows_cases() -> list[UnaryCase]:
         case("token-unicode-digits", token("١٢"), I, "INVALID_PAGE_TOKEN"),
         case("token-whitespace", token(" 1"), I, "INVALID_PAGE_TOKEN"),
         case("token-underscore", token("1_0"), I, "INVALID_PAGE_TOKEN"),
+        *bad_ids(lambda v: scheduler_pb2.ListFlowsRequest(flow_type=v), "flow_type", empty_ok=True),
         *utf8_cases(scheduler_pb2.ListFlowsRequest(flow_type=TYPE, page_token="1")),
         *GARBAGE,
     ]
@@ -743,6 +744,9 @@ def worker_event_cases(s: Seeded) -> dict[str, list[tuple[str, dict[str, Any], i
         out.append(
             ("no-such-flow", {kind: build("no-such-flow", run)}, NF.value[0], "FLOW_NOT_FOUND")
         )
+        # A flow id no schedule accepts is refused before it reaches the store.
+        for name, flow_id in [("empty", ""), ("huge", HUGE), ("control", CONTROL)]:
+            out.append((f"{name}-flow_id", {kind: build(flow_id, run)}, invalid, "INVALID_ID"))
         return out
 
     def step(**kw: Any) -> worker_pb2.StepResult:
@@ -769,6 +773,9 @@ def worker_event_cases(s: Seeded) -> dict[str, list[tuple[str, dict[str, Any], i
             ("huge-key", {"step_result": step(key=HUGE)}, invalid, "INVALID_ID"),
             ("reserved-key", {"step_result": step(key="$cancel")}, invalid, "INVALID_ID"),
             ("control-key", {"step_result": step(key=CONTROL)}, invalid, "INVALID_ID"),
+            ("control-args_hash", {"step_result": step(args_hash=CONTROL)}, invalid, "INVALID_ID"),
+            ("newline-args_hash", {"step_result": step(args_hash="a\nb")}, invalid, "INVALID_ID"),
+            ("huge-args_hash", {"step_result": step(args_hash=HUGE)}, invalid, "INVALID_ID"),
             ("no-outcome", {"step_result": step(result=None)}, invalid, "MISSING_OUTCOME"),
             ("unknown-kind", {"step_result": step(kind=99)}, invalid, "INVALID_KIND"),
             *[
@@ -864,6 +871,28 @@ def worker_event_cases(s: Seeded) -> dict[str, list[tuple[str, dict[str, Any], i
                 invalid,
                 "INVALID_ID",
             ),
+            *[
+                (
+                    f"signal-{name}-name",
+                    {"wait": wait(signal=worker_pb2.SignalWait(name=bad))},
+                    invalid,
+                    "INVALID_ID",
+                )
+                for name, bad in [("control", CONTROL), ("huge", HUGE), ("bidi", "a\u202eb")]
+            ],
+            *[
+                (
+                    f"child-{name}-type",
+                    {
+                        "wait": wait(
+                            child=worker_pb2.ChildWait(child_flow_id="c1", flow_type=bad, input=ok)
+                        )
+                    },
+                    invalid,
+                    "INVALID_ID",
+                )
+                for name, bad in [("empty", ""), ("control", CONTROL), ("huge", HUGE)]
+            ],
             (
                 "child-empty-id",
                 {"wait": wait(child=worker_pb2.ChildWait(flow_type=WTYPE, input=ok))},
@@ -1136,6 +1165,8 @@ async def test_held_leases_no_server_gave_are_not_reattached(seeded: Seeded) -> 
         worker_pb2.HeldLease(flow_id="running-1", lease_token=seeded.running_token + 1),
         worker_pb2.HeldLease(flow_id="no-such-flow", lease_token=1),
         worker_pb2.HeldLease(flow_id=HUGE, lease_token=1),
+        worker_pb2.HeldLease(flow_id=CONTROL, lease_token=seeded.running_token),
+        worker_pb2.HeldLease(flow_id="", lease_token=seeded.running_token),
     ]
     await call.write(worker_request(register_event(worker_id="other", held_leases=held)))
     response = await call.read()

@@ -888,6 +888,147 @@ async def test_signal_with_schedule(store: Store) -> None:
         await store.signal_with_schedule(flow(""), "go", b"", T0)
 
 
+# --- text the database cannot hold ----------------------------------------------------------
+
+NUL = "a\x00b"
+
+
+def _nul_calls(claimed: ClaimedFlow) -> dict[str, Callable[[Store], Awaitable[object]]]:
+    """Every verb with a NUL in one of its text arguments, by name."""
+    token = claimed.lease_token
+
+    def record(**fields: Any) -> StepRecord:
+        base = step(claimed, "s2")
+        return StepRecord(**{**{f: getattr(base, f) for f in base.__dataclass_fields__}, **fields})
+
+    def signal_wait(**fields: Any) -> WaitRequest:
+        base = {"flow_id": "f1", "lease_token": token, "key": "w", "kind": EntryKind.SIGNAL}
+        return WaitRequest(**{**base, "signal_name": "go", **fields})
+
+    done = FlowFinish("f1", token, FlowStatus.COMPLETED, result=b"")
+    return {
+        "register_flow_types": lambda s: s.register_flow_types(["orders", NUL], T0),
+        "schedule_flows:flow_id": lambda s: s.schedule_flows([flow(NUL)], T0),
+        "schedule_flows:flow_type": lambda s: s.schedule_flows([flow("f9", NUL)], T0),
+        "schedule_flows:request_id": lambda s: s.schedule_flows([flow("f9", request_id=NUL)], T0),
+        "claim_flows:session": lambda s: s.claim_flows(NUL, ["orders"], 1, T0 + TTL, T0),
+        "claim_flows:type": lambda s: s.claim_flows("s2", [NUL], 1, T0 + TTL, T0),
+        "record_steps:flow_id": lambda s: s.record_steps([record(flow_id=NUL)], T0),
+        "record_steps:key": lambda s: s.record_steps([record(key=NUL)], T0),
+        "record_steps:args_hash": lambda s: s.record_steps([record(args_hash=NUL)], T0),
+        "finish_flows:flow_id": lambda s: s.finish_flows(
+            [FlowFinish(NUL, token, FlowStatus.COMPLETED, result=b"")], T0
+        ),
+        "finish_flows:requires_keys": lambda s: s.finish_flows(
+            [FlowFinish("f1", token, FlowStatus.COMPLETED, result=b"", requires_keys=(NUL,))],
+            T0,
+        ),
+        "release_flows": lambda s: s.release_flows([Lease(NUL, token)], T0),
+        "renew_leases:session": lambda s: s.renew_leases(NUL, T0 + TTL),
+        "renew_leases:flow_ids": lambda s: s.renew_leases("s1", T0 + TTL, ["f1", NUL]),
+        "reattach_leases:session": lambda s: s.reattach_leases(NUL, [lease(claimed)], T0, T0),
+        "reattach_leases:flow_id": lambda s: s.reattach_leases("s2", [Lease(NUL, 1)], T0, T0),
+        "cancel_flow": lambda s: s.cancel_flow(NUL, "why", T0),
+        "send_signal:flow_id": lambda s: s.send_signal(NUL, "go", b"", "", T0),
+        "send_signal:name": lambda s: s.send_signal("f1", NUL, b"", "", T0),
+        "send_signal:request_id": lambda s: s.send_signal("f1", "go", b"", NUL, T0),
+        "signal_with_schedule:flow_id": lambda s: s.signal_with_schedule(flow(NUL), "go", b"", T0),
+        "signal_with_schedule:name": lambda s: s.signal_with_schedule(flow("f1"), NUL, b"", T0),
+        "register_waits:flow_id": lambda s: s.register_waits([signal_wait(flow_id=NUL)], T0),
+        "register_waits:key": lambda s: s.register_waits([signal_wait(key=NUL)], T0),
+        "register_waits:signal_name": lambda s: s.register_waits(
+            [signal_wait(signal_name=NUL)], T0
+        ),
+        "register_waits:child": lambda s: s.register_waits(
+            [signal_wait(kind=EntryKind.CHILD, signal_name="", child=flow(NUL))], T0
+        ),
+        "suspend_flows:flow_id": lambda s: s.suspend_flows(
+            [SuspendRequest(NUL, token, ("w",))], T0
+        ),
+        "suspend_flows:open_keys": lambda s: s.suspend_flows(
+            [SuspendRequest("f1", token, (NUL,))], T0
+        ),
+        "suspend_flows:abandoned_keys": lambda s: s.suspend_flows(
+            [SuspendRequest("f1", token, ("w",), (NUL,))], T0
+        ),
+        "park_flows": lambda s: s.park_flows([Park(NUL, token, BOOM)], T0, 10, 100),
+        "get_flow": lambda s: s.get_flow(NUL),
+        "list_flows": lambda s: s.list_flows([], NUL, 10, None),
+        "get_history": lambda s: s.get_history(NUL, 0, 10),
+        "get_entry:flow_id": lambda s: s.get_entry(NUL, "s1"),
+        "get_entry:key": lambda s: s.get_entry("f1", NUL),
+        "next_ready_at": lambda s: s.next_ready_at(["orders", NUL]),
+        "known_flow_types": lambda s: s.known_flow_types([NUL]),
+        # The one that is fine: a done flow's first finish, to check nothing else applied.
+        "ok:finish": lambda s: s.finish_flows([done], T0 + 1),
+    }
+
+
+async def test_text_with_nul_is_refused_alike_by_every_verb(store: Store) -> None:
+    """PostgreSQL cannot hold NUL: every store refuses it up front, and applies nothing."""
+    claimed = await claim_one(store, "f1")
+    assert await store.record_steps([step(claimed, "s1")], T0) == [OK]
+    before = (await store.get_flow("f1"), await store.get_history("f1", 0, 10))
+    calls = _nul_calls(claimed)
+    applied: list[str] = []
+    for name, call in calls.items():
+        if name.startswith("ok:"):
+            continue
+        try:
+            await call(store)
+        except InvalidArgumentError as error:
+            assert "NUL" in error.message, (name, error.message)
+        else:
+            applied.append(name)
+    assert applied == []
+    assert (await store.get_flow("f1"), await store.get_history("f1", 0, 10)) == before
+    assert await store.get_flow("f9") is None
+    assert (await calls["ok:finish"](store)) == ([OK], [])
+
+
+async def test_a_nul_in_one_caller_s_write_fails_only_that_caller(store: Store) -> None:
+    """Refused before it is queued: the other writes of its group commit apply as usual."""
+    first = await claim_one(store, "f1")
+    second = await claim_one(store, "f2")
+    bad = StepRecord(
+        flow_id="f2",
+        lease_token=second.lease_token,
+        key="s1",
+        kind=EntryKind.STEP,
+        args_hash="hash\x00",
+        attempts=1,
+        status=EntryStatus.COMPLETED,
+        result=b"r",
+    )
+    results = await asyncio.gather(
+        store.record_steps([step(first, "s1")], T0),
+        store.record_steps([bad], T0),
+        store.send_signal("f1", "go", b"p", "", T0),
+        return_exceptions=True,
+    )
+    assert results[0] == [OK]
+    assert isinstance(results[1], InvalidArgumentError)
+    assert isinstance(results[2], SignalResult) and results[2].outcome is SignalOutcome.DELIVERED
+    assert await store.get_history("f2", 0, 10) == []
+
+
+async def test_failures_and_labels_keep_nul_and_control_characters(store: Store) -> None:
+    """Stored as JSON, a failure's text and labels may hold any character, on every store."""
+    text = "line 1\x00\x01\x1b[31m\r\n\u2028 end"
+    failure = Failure(type="E\x00", message=text, stack_trace=text, reason="R\x00")
+    await store.schedule_flows([flow("f1", labels={"k\x00": text})], T0)
+    (claimed,) = await store.claim_flows("s1", ["orders"], 1, T0 + TTL, T0)
+    records = [step(claimed, "s1", EntryStatus.FAILED, result=None, error=failure)]
+    assert await store.record_steps(records, T0) == [OK]
+    end = FlowFinish("f1", claimed.lease_token, FlowStatus.FAILED, error=failure)
+    assert await finished(store, [end], T0 + 1) == [OK]
+    record = await store.get_flow("f1")
+    assert record is not None
+    assert (record.error, record.labels) == (failure, {"k\x00": text})
+    (entry,) = await store.get_history("f1", 0, 10)
+    assert entry.error == failure
+
+
 # --- group commit ------------------------------------------------------------------------
 
 
