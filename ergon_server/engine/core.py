@@ -78,6 +78,9 @@ MAX_ID_LENGTH = 256
 DEFAULT_PAGE_SIZE = 100
 # Timer fires queued for the group commit at once; the loop waits for one before adding more.
 MAX_TIMER_FIRES_IN_FLIGHT = 16
+# Leases one expiry transaction re-queues; a scan takes more transactions when more expired
+# (after a long outage, say) rather than one that locks and rewrites every running flow.
+MAX_LEASES_EXPIRED_AT_ONCE = 500
 
 
 def validate_id(value: str, what: str, *, allow_empty: bool = False) -> None:
@@ -243,10 +246,15 @@ class Engine:
         while True:
             await asyncio.sleep(self.config.expiry_scan_interval_ms / 1000)
             try:
-                expired = await self.store.expire_leases(self.clock.now_ms())
+                await self.expire_leases()
             except ErgonError as error:
                 log.warning("lease expiry scan failed: %s", error.message)
-                continue
+
+    async def expire_leases(self, limit: int = MAX_LEASES_EXPIRED_AT_ONCE) -> int:
+        """Re-queue every lease expired now (in batches of `limit`); returns how many."""
+        expired_total = 0
+        while True:
+            expired = await self.store.expire_leases(self.clock.now_ms(), limit)
             for lease in expired:
                 flow_id = lease.flow_id
                 log.info("lease on flow %s expired; re-queued", flow_id, extra={"flow_id": flow_id})
@@ -255,6 +263,9 @@ class Engine:
                 self.dispatcher.revoke(flow_id, "LEASE_EXPIRED", lease.lease_token)
             if expired:
                 self.dispatcher.wake()
+            expired_total += len(expired)
+            if len(expired) < limit:
+                return expired_total
 
     async def fire_due_timers(self, limit: int = 1000) -> int:
         """Fire every timer due now (in batches of `limit`); returns how many fired."""

@@ -1386,7 +1386,7 @@ class CommandSet:
     ]
     renew_leases: Callable[[_Future[int], str, int, tuple[str, ...] | None], Command[int]]
     reattach_leases: Callable[[_Future[list[str]], str, list[Lease], int, int], Command[list[str]]]
-    expire_leases: Callable[[_Future[list[Lease]], int], Command[list[Lease]]]
+    expire_leases: Callable[[_Future[list[Lease]], int, int], Command[list[Lease]]]
     cancel_flow: Callable[
         [_Future[tuple[CancelOutcome, list[Satisfied]]], str, str, int],
         Command[tuple[CancelOutcome, list[Satisfied]]],
@@ -1655,9 +1655,15 @@ class BatchedStore:
         )
         return await self._submit(command)
 
-    async def expire_leases(self, now_ms: int) -> list[Lease]:
-        """Re-queue RUNNING flows whose lease expired before now_ms; the leases, in order."""
-        return await self._submit(self._commands.expire_leases(self._future(), now_ms))
+    async def expire_leases(self, now_ms: int, limit: int) -> list[Lease]:
+        """Re-queue up to `limit` RUNNING flows whose lease expired before now_ms.
+
+        The soonest expired first (ties in scheduling order); the leases, in that order.
+        """
+        if limit <= 0:
+            self._check_open()
+            return []
+        return await self._submit(self._commands.expire_leases(self._future(), now_ms, limit))
 
     async def cancel_flow(
         self, flow_id: str, reason: str, now_ms: int

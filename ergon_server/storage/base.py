@@ -169,10 +169,13 @@ class Store(Protocol):
         """
         ...
 
-    async def expire_leases(self, now_ms: int) -> list[Lease]:
-        """Re-queue RUNNING flows whose lease expired before now_ms (PENDING, ready now).
+    async def expire_leases(self, now_ms: int, limit: int) -> list[Lease]:
+        """Re-queue up to `limit` RUNNING flows whose lease expired before now_ms (PENDING).
 
-        Returns the leases that expired (flow id and the token they had), in scheduling order.
+        They are ready now. The leases that expired first go first (ties in scheduling
+        order), so a caller that gets `limit` leases back calls again for the rest; a limit
+        below 1 expires nothing. Returns the leases that expired (flow id and the token they
+        had), in that order.
         """
         ...
 

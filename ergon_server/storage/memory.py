@@ -666,21 +666,29 @@ class MemoryStore:
             flow.updated_at = now_ms
         return moved
 
-    async def expire_leases(self, now_ms: int) -> list[Lease]:
-        """Re-queue RUNNING flows whose lease expired before now_ms, in scheduling order."""
+    async def expire_leases(self, now_ms: int, limit: int) -> list[Lease]:
+        """Re-queue up to `limit` RUNNING flows whose lease expired before now_ms.
+
+        The soonest expired first (ties in scheduling order); the leases, in that order.
+        """
         self._check_open()
-        expired: list[Lease] = []
-        for flow in self._flows.values():
-            if (
-                flow.status is FlowStatus.RUNNING
+        due = sorted(
+            (
+                (flow.lease_expires_at, flow.seq, flow)
+                for flow in self._flows.values()
+                if flow.status is FlowStatus.RUNNING
                 and flow.lease_expires_at is not None
                 and flow.lease_expires_at < now_ms
-            ):
-                flow.status = FlowStatus.PENDING
-                flow.ready_at = now_ms
-                flow.updated_at = now_ms
-                flow.clear_lease()
-                expired.append(Lease(flow.flow_id, flow.lease_token))
+            ),
+            key=lambda item: (item[0], item[1]),
+        )
+        expired: list[Lease] = []
+        for _, _, flow in due[: max(0, limit)]:
+            flow.status = FlowStatus.PENDING
+            flow.ready_at = now_ms
+            flow.updated_at = now_ms
+            flow.clear_lease()
+            expired.append(Lease(flow.flow_id, flow.lease_token))
         return expired
 
     async def cancel_flow(

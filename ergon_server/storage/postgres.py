@@ -1070,34 +1070,40 @@ class _RenewLeases(RenewLeases):
             command.result = _row_count(status)
 
 
+# The soonest expired first, through the partial index on lease_expires_at: a scan after a
+# long outage re-queues a bounded batch per transaction, not every running flow at once.
+_EXPIRE = (
+    "WITH due AS (SELECT seq, lease_expires_at FROM flows WHERE status = 'RUNNING' "
+    "AND lease_expires_at < $1 ORDER BY lease_expires_at, seq LIMIT $2 "
+    "FOR UPDATE SKIP LOCKED) "
+    "UPDATE flows AS f SET status = 'PENDING', ready_at = $1, updated_at = $1, "
+    "lease_owner = NULL, lease_expires_at = NULL FROM due WHERE f.seq = due.seq "
+    "RETURNING due.lease_expires_at, f.seq, f.flow_id, f.lease_token"
+)
+
+
 class _ExpireLeases(Command[list[Lease]]):
-    __slots__ = ("now_ms",)
+    __slots__ = ("limit", "now_ms")
     barrier = True
 
-    def __init__(self, future: asyncio.Future[list[Lease]], now_ms: int) -> None:
+    def __init__(self, future: asyncio.Future[list[Lease]], now_ms: int, limit: int) -> None:
         super().__init__(future)
         self.now_ms = now_ms
+        self.limit = limit
 
     @classmethod
     async def apply_all(cls, tx: _Tx, commands: Sequence[Self]) -> None:
-        """Re-queue expired leases through the partial index on lease_expires_at.
+        """Re-queue up to `limit` expired leases, the soonest expired first.
 
         A flow another replica is writing at this moment is skipped, not waited for: it is
         re-queued by a later scan if its lease is still expired then.
         """
         for command in commands:
-            rows = await tx.conn.fetch(
-                "WITH due AS (SELECT seq FROM flows WHERE status = 'RUNNING' "
-                "AND lease_expires_at < $1 FOR UPDATE SKIP LOCKED) "
-                "UPDATE flows AS f SET status = 'PENDING', ready_at = $1, updated_at = $1, "
-                "lease_owner = NULL, lease_expires_at = NULL FROM due WHERE f.seq = due.seq "
-                "RETURNING f.seq, f.flow_id, f.lease_token",
-                command.now_ms,
-            )
-            ordered = sorted(rows, key=lambda row: row[0])
-            command.result = [Lease(row[1], row[2]) for row in ordered]
+            rows = await tx.conn.fetch(_EXPIRE, command.now_ms, command.limit)
+            ordered = sorted(rows, key=lambda row: (row[0], row[1]))
+            command.result = [Lease(row[2], row[3]) for row in ordered]
             if rows:
-                tx.locked.update(row[1] for row in ordered)
+                tx.locked.update(row[2] for row in ordered)
                 tx.events.ready = True
 
 

@@ -870,26 +870,35 @@ class _RenewLeases(RenewLeases):
                 command.result += (await conn.execute(sql, (*params, *chunk))).rowcount
 
 
+# The soonest expired first, through the partial index on lease_expires_at: a scan after a
+# long outage re-queues a bounded batch per transaction, not every running flow at once.
+_EXPIRED = (
+    "SELECT seq, flow_id, lease_token FROM flows INDEXED BY flows_lease_expiry "
+    "WHERE status = 'RUNNING' AND lease_expires_at < ? ORDER BY lease_expires_at, seq LIMIT ?"
+)
+
+
 class _ExpireLeases(Command[list[Lease]]):
-    __slots__ = ("now_ms",)
+    __slots__ = ("limit", "now_ms")
     barrier = True
 
-    def __init__(self, future: asyncio.Future[list[Lease]], now_ms: int) -> None:
+    def __init__(self, future: asyncio.Future[list[Lease]], now_ms: int, limit: int) -> None:
         super().__init__(future)
         self.now_ms = now_ms
+        self.limit = limit
 
     @classmethod
     async def apply_all(cls, conn: _Writer, commands: Sequence[Self]) -> None:
-        """Re-queue expired leases through the partial index on lease_expires_at."""
+        """Re-queue up to `limit` expired leases, the soonest expired first."""
         for command in commands:
-            rows = await conn.execute_fetchall(
-                "UPDATE flows INDEXED BY flows_lease_expiry SET status = 'PENDING', "
-                "ready_at = ?, updated_at = ?, lease_owner = NULL, lease_expires_at = NULL "
-                "WHERE status = 'RUNNING' AND lease_expires_at < ? "
-                "RETURNING seq, flow_id, lease_token",
-                (command.now_ms, command.now_ms, command.now_ms),
+            # Read, then write, in the writer's transaction: nothing changes in between.
+            rows = await conn.execute_fetchall(_EXPIRED, (command.now_ms, command.limit))
+            await conn.executemany(
+                "UPDATE flows SET status = 'PENDING', ready_at = ?, updated_at = ?, "
+                "lease_owner = NULL, lease_expires_at = NULL WHERE seq = ?",
+                [(command.now_ms, command.now_ms, row[0]) for row in rows],
             )
-            command.result = [Lease(row[1], row[2]) for row in sorted(rows)]
+            command.result = [Lease(row[1], row[2]) for row in rows]
 
 
 class _ReattachLeases(Command[list[str]]):

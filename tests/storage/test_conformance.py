@@ -669,7 +669,7 @@ async def test_renew_leases_on_named_flows_only(store: Store) -> None:
         assert record is not None
         expiries[flow_id] = record.lease_expires_at
     assert expiries == {"a": T0 + 5_000 + TTL, "b": T0 + TTL, "c": T0 + TTL}
-    expired = await store.expire_leases(T0 + TTL + 1)
+    expired = await store.expire_leases(T0 + TTL + 1, 100)
     assert sorted(lease.flow_id for lease in expired) == ["b", "c"]
 
 
@@ -679,13 +679,13 @@ async def test_expire_leases(store: Store) -> None:
     claimed = await store.claim_flows("s1", ["orders"], 2, T0 + 1_000, clock.now_ms())
     await store.renew_leases("s1", T0 + 1_000)
     assert await store.renew_leases("s1", T0 + 1_000) == 2
-    assert await store.expire_leases(T0 + 1_000) == []
+    assert await store.expire_leases(T0 + 1_000, 100) == []
     clock.set(T0 + 1_001)
     # Each lease with the token it had, so the engine revokes that lease and no newer one.
-    assert await store.expire_leases(clock.now_ms()) == [
+    assert await store.expire_leases(clock.now_ms(), 100) == [
         Lease(f.flow_id, f.lease_token) for f in claimed
     ]
-    assert await store.expire_leases(clock.now_ms()) == []
+    assert await store.expire_leases(clock.now_ms(), 100) == []
     record = await store.get_flow("a")
     assert record is not None
     assert record.status is FlowStatus.PENDING
@@ -695,6 +695,30 @@ async def test_expire_leases(store: Store) -> None:
     assert await store.renew_leases("s1", T0 + 9_000) == 0
     again = await store.claim_flows("s2", ["orders"], 2, T0 + 9_000, clock.now_ms())
     assert [(c.flow_id, c.lease_token) for c in again] == [("a", 2), ("b", 2)]
+
+
+async def test_expire_leases_takes_the_soonest_expired_first_a_batch_at_a_time(
+    store: Store,
+) -> None:
+    expiries = {"a": 50, "b": 10, "c": 30, "d": 10, "e": 9_999}
+    claimed = {}
+    for flow_id, expires_in in expiries.items():
+        await store.schedule_flows([flow(flow_id)], T0)
+        (claimed[flow_id],) = await store.claim_flows("s1", ["orders"], 1, T0 + expires_in, T0)
+    now = T0 + 100
+    assert await store.expire_leases(now, 0) == []
+    # Ties (b and d) in scheduling order.
+    assert await store.expire_leases(now, 2) == [lease(claimed["b"]), lease(claimed["d"])]
+    assert await store.expire_leases(now, 2) == [lease(claimed["c"]), lease(claimed["a"])]
+    assert await store.expire_leases(now, 2) == []
+    page = await store.list_flows([], None, 10, None)
+    assert [(r.flow_id, r.status) for r in page.flows] == [
+        ("a", FlowStatus.PENDING),
+        ("b", FlowStatus.PENDING),
+        ("c", FlowStatus.PENDING),
+        ("d", FlowStatus.PENDING),
+        ("e", FlowStatus.RUNNING),
+    ]
 
 
 async def test_reattach_leases(store: Store) -> None:
@@ -1163,7 +1187,7 @@ def _random_op(rng: random.Random, now: int) -> Op:
         new = flow(flow_id, "x", b"a", request_id=rng.choice(["", "r1", "r3"]))
         return lambda store: store.signal_with_schedule(new, "a", b"p", now)
     if choice == 10:
-        return lambda store: store.expire_leases(now)
+        return lambda store: store.expire_leases(now, 100)
     session = rng.choice(["s1", "s2", "s3"])
     if rng.random() < 0.5:
         return lambda store: store.renew_leases(session, now + 60)
@@ -1312,7 +1336,7 @@ class _WaitOps:
             parks = [Park(flow_id, self.token(flow_id), BOOM)]
             return lambda store: store.park_flows(parks, now, 2, 8)
         if choice == 14:
-            return lambda store: store.expire_leases(now)
+            return lambda store: store.expire_leases(now, 100)
         flow_id = self.flow_id()
         name = rng.choice(["a", "b"])
         request_id = rng.choice(["", "", "q1", "q3"])
@@ -1574,6 +1598,11 @@ async def test_sqlite_hot_statements_use_their_indexes(sqlite_store: SqliteStore
         detail = plan(sql, params)
         assert "USING INDEX flows_pending" in detail, detail
         assert "SCAN flows" not in detail, detail
+    from ergon_server.storage.sqlite import _EXPIRED
+
+    expiry = plan(_EXPIRED, (T0, 500))
+    assert "USING INDEX flows_lease_expiry" in expiry, expiry
+    assert "SCAN flows" not in expiry and "TEMP B-TREE" not in expiry, expiry
 
 
 @pytest.mark.parametrize("current", [0, 1, 2])

@@ -36,6 +36,7 @@ from ergon_server.model import (
 from ergon_server.storage import create_store
 from ergon_server.storage.memory import MemoryStore
 from ergon_server.storage.postgres import (
+    _EXPIRE,
     PostgresStore,
     _batch_flows,
     _ClaimFlows,
@@ -222,7 +223,7 @@ async def test_fencing_holds_across_replicas(
     (claimed,) = await first.claim_flows("s1", ["orders"], 1, T0 + TTL, T0)
     assert await first.record_steps([step(claimed, "a")], T0) == [OK]
     # The other replica re-queues the expired lease and a worker of its own claims the flow.
-    assert await second.expire_leases(T0 + TTL + 1) == [Lease("f1", claimed.lease_token)]
+    assert await second.expire_leases(T0 + TTL + 1, 100) == [Lease("f1", claimed.lease_token)]
     (again,) = await second.claim_flows("s2", ["orders"], 1, T0 + 2 * TTL, T0 + TTL + 1)
     assert again.lease_token == claimed.lease_token + 1
     assert await first.record_steps([step(claimed, "b")], T0 + TTL + 2) == [LEASE_LOST]
@@ -807,10 +808,11 @@ async def test_hot_statements_use_their_indexes(
             async with conn.transaction():
                 rows = await conn.fetch("EXPLAIN " + sql, *params)
             plans[f"claim {types}"] = "\n".join(row[0] for row in rows)
+        rows = await conn.fetch("EXPLAIN " + _EXPIRE, T0, 500)
+        plans["expiry"] = "\n".join(row[0] for row in rows)
         checks = {
             "timers": "SELECT fire_at, flow_id, key FROM waits WHERE status = 'OPEN' "
             "AND kind = 'TIMER' AND fire_at <= 5 ORDER BY fire_at, flow_id, key LIMIT 3",
-            "expiry": "SELECT seq FROM flows WHERE status = 'RUNNING' AND lease_expires_at < 5",
             "owner": "SELECT seq FROM flows WHERE status = 'RUNNING' AND lease_owner = 's'",
             "signals": "SELECT * FROM waits AS w WHERE w.flow_id = 'f' AND w.signal_name = 'n' "
             "AND w.status = 'OPEN' AND w.kind = 'SIGNAL' ORDER BY w.created_at, w.key",

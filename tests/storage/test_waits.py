@@ -848,7 +848,7 @@ async def test_cancel_requested_survives_a_requeue(store: Store) -> None:
     assert (record.status, record.cancel_requested) == (PENDING, True)
     again = await claim_again(store, "f1", T0 + 1)
     assert [e.key for e in again.journal] == [CANCEL_KEY]
-    assert [lease.flow_id for lease in await store.expire_leases(T0 + 1 + TTL + 1)] == ["f1"]
+    assert [lease.flow_id for lease in await store.expire_leases(T0 + 1 + TTL + 1, 100)] == ["f1"]
     # Cancelled while PENDING: at once, keeping the first cancellation.
     assert await cancelled(store, "f1", "second", T0 + 20_000) is CancelOutcome.CANCELLED
     record = await store.get_flow("f1")

@@ -1,0 +1,63 @@
+"""Leases in the engine, driven by a manual clock on every backend."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from ergon_server.clock import ManualClock
+from ergon_server.engine import Engine, EngineConfig
+from ergon_server.engine.sessions import RevokeOut
+from ergon_server.model import FlowStatus, NewFlow
+from ergon_server.storage import create_store
+from ergon_server.storage.base import Store
+from tests.support.postgres import temporary_database_sync
+
+TTL_MS = 15_000
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    with contextlib.ExitStack() as stack:
+        if request.param == "postgres":
+            url = stack.enter_context(temporary_database_sync("ergon_leases"))
+        else:
+            url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'l.db'}"
+        store = create_store(url)
+        await store.open()
+        yield store
+        await store.close()
+
+
+async def test_an_expiry_scan_re_queues_every_expired_lease_a_batch_at_a_time(
+    store: Store,
+) -> None:
+    clock = ManualClock()
+    config = EngineConfig(allow_unregistered_flow_types=True, lease_ttl_ms=TTL_MS)
+    engine = Engine(store, clock, config)
+    await engine.schedule_flows([NewFlow(f"f{i}", "T", b"") for i in range(7)])
+    session, _ = await engine.open_session("w", ["T"], 10, 1, [])
+    claimed = await store.claim_flows(
+        session.session_id, ["T"], 10, clock.now_ms() + TTL_MS, clock.now_ms()
+    )
+    for flow in claimed:
+        engine.dispatcher.adopt(session, flow.flow_id, flow.lease_token)
+    await engine.schedule_flows([NewFlow("late", "T", b"")])
+    now = clock.now_ms()
+    (late,) = await store.claim_flows("other", ["T"], 1, now + 2 * TTL_MS, now)
+    clock.advance(TTL_MS + 1)
+    # Seven expired, three at a time: one scan takes them all, and leaves the live one.
+    assert await engine.expire_leases(limit=3) == 7
+    revoked = [e for e in await session.next_batch() if isinstance(e, RevokeOut)]
+    assert sorted(e.flow_id for e in revoked) == sorted(f.flow_id for f in claimed)
+    assert session.held == {}
+    page = await store.list_flows([], None, 100, None)
+    assert {r.flow_id: r.status for r in page.flows} == {
+        **{f.flow_id: FlowStatus.PENDING for f in claimed},
+        "late": FlowStatus.RUNNING,
+    }
+    assert late.flow_id == "late"
+    assert await engine.expire_leases(limit=3) == 0
