@@ -456,6 +456,12 @@ _WAIT_COLUMNS = (
     "AND j.key = w.key)"
 )
 
+# A flow's OPEN waits, and cancelling those of ended flows (the partial index of migration 3).
+_OPEN_WAITS = f"SELECT {_WAIT_COLUMNS} FROM waits AS w WHERE w.flow_id = $1 AND w.status = 'OPEN'"
+_CANCEL_OPEN_WAITS = (
+    "UPDATE waits SET status = 'CANCELLED' WHERE flow_id = ANY($1::text[]) AND status = 'OPEN'"
+)
+
 _INSERT_ENTRY = (
     "INSERT INTO journal (flow_id, key, sequence, kind, status, result, error, attempts, "
     "args_hash, recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
@@ -589,10 +595,7 @@ class _Sim(Sim):
 
     async def load_open_waits(self, flow_id: str) -> None:
         """Read the flow's OPEN waits into `waits` (the stage's own changes win)."""
-        for row in await self.conn.fetch(
-            f"SELECT {_WAIT_COLUMNS} FROM waits AS w WHERE w.flow_id = $1 AND w.status = 'OPEN'",
-            flow_id,
-        ):
+        for row in await self.conn.fetch(_OPEN_WAITS, flow_id):
             self.cache_wait(row)
 
     async def journal_entries(
@@ -650,11 +653,7 @@ class _Sim(Sim):
         if self.dirty:
             await conn.executemany(_UPSERT_WAIT, self.wait_rows())
         if self.ended:
-            await conn.execute(
-                "UPDATE waits SET status = 'CANCELLED' "
-                "WHERE flow_id = ANY($1::text[]) AND status = 'OPEN'",
-                self.ended,
-            )
+            await conn.execute(_CANCEL_OPEN_WAITS, self.ended)
 
 
 async def _consume_signal(tx: _Tx, flow_id: str, name: str, key: str, now_ms: int) -> bytes | None:

@@ -320,8 +320,8 @@ async def _fence(conn: _Writer, flow_ids: Iterable[str]) -> dict[str, list[Any]]
 _STATE_SQL = (
     "SELECT flow_id, status, lease_token, lease_owner, journal_seq, parks, attempt, "
     "cancel_requested "
-    "| (EXISTS (SELECT 1 FROM waits AS w WHERE w.flow_id = flows.flow_id "
-    "AND w.status = 'OPEN') << 1) "
+    "| (EXISTS (SELECT 1 FROM waits AS w INDEXED BY waits_open "
+    "WHERE w.flow_id = flows.flow_id AND w.status = 'OPEN') << 1) "
     "| (EXISTS (SELECT 1 FROM waits AS w WHERE w.child_flow_id = flows.flow_id "
     "AND w.kind = 'CHILD' AND w.status <> 'SATISFIED') << 2), "
     "CASE WHEN cancel_requested THEN (SELECT error FROM journal AS j "
@@ -334,6 +334,16 @@ _WAIT_COLUMNS = (
     "w.flow_id, w.key, w.kind, w.status, w.fire_at, w.signal_name, w.child_flow_id, "
     "w.created_at, EXISTS (SELECT 1 FROM journal AS j WHERE j.flow_id = w.flow_id "
     "AND j.key = w.key)"
+)
+
+# A flow's OPEN waits, and cancelling them when it ends (the partial index of migration 3).
+_OPEN_WAITS = (
+    f"SELECT {_WAIT_COLUMNS} FROM waits AS w INDEXED BY waits_open "
+    "WHERE w.flow_id = ? AND w.status = 'OPEN'"
+)
+_CANCEL_OPEN_WAITS = (
+    "UPDATE waits INDEXED BY waits_open SET status = 'CANCELLED' "
+    "WHERE flow_id = ? AND status = 'OPEN'"
 )
 
 _INSERT_ENTRY = (
@@ -427,10 +437,7 @@ class _Sim(Sim):
 
     async def load_open_waits(self, flow_id: str) -> None:
         """Read the flow's OPEN waits into `waits` (the stage's own changes win)."""
-        for row in await self.conn.execute_fetchall(
-            f"SELECT {_WAIT_COLUMNS} FROM waits AS w WHERE w.flow_id = ? AND w.status = 'OPEN'",
-            (flow_id,),
-        ):
+        for row in await self.conn.execute_fetchall(_OPEN_WAITS, (flow_id,)):
             self.cache_wait(row)
 
     async def journal_entries(
@@ -471,10 +478,7 @@ class _Sim(Sim):
         if self.dirty:
             await conn.executemany(_UPSERT_WAIT, self.wait_rows())
         if self.ended:
-            await conn.executemany(
-                "UPDATE waits SET status = 'CANCELLED' WHERE flow_id = ? AND status = 'OPEN'",
-                [(flow_id,) for flow_id in self.ended],
-            )
+            await conn.executemany(_CANCEL_OPEN_WAITS, [(flow_id,) for flow_id in self.ended])
 
 
 def _by_pairs(select: str, alias: str, pairs: Sequence[tuple[str, str]]) -> str:

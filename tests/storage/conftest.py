@@ -72,7 +72,7 @@ def _sqlite(
         lambda: SqliteStore(str(path)),
         survives_reopen=True,
         set_schema_version=set_schema_version,
-        schema_version=2,
+        schema_version=3,
     )
 
 
@@ -103,7 +103,7 @@ def _postgres(
         lambda: PostgresStore(dsn, min_size=1, max_size=4),
         survives_reopen=True,
         set_schema_version=set_schema_version,
-        schema_version=2,
+        schema_version=3,
     )
 
 

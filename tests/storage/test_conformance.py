@@ -1605,6 +1605,21 @@ async def test_sqlite_hot_statements_use_their_indexes(sqlite_store: SqliteStore
     assert "SCAN flows" not in expiry and "TEMP B-TREE" not in expiry, expiry
 
 
+async def test_sqlite_open_waits_migration_runs_again_harmlessly(
+    sqlite_store: SqliteStore,
+) -> None:
+    from ergon_server.storage.migrate import load_migrations
+
+    (migration,) = [m for m in load_migrations("sqlite") if m.version == 3]
+    conn = sqlite3.connect(sqlite_store.path)
+    try:
+        conn.executescript(migration.sql)
+        names = conn.execute("SELECT name FROM sqlite_master WHERE name = 'waits_open'").fetchall()
+    finally:
+        conn.close()
+    assert names == [("waits_open",)]
+
+
 @pytest.mark.parametrize("current", [0, 1, 2])
 async def test_migration_runner(current: int) -> None:
     from ergon_server.storage.migrate import Migration, migrate
@@ -1637,8 +1652,12 @@ def test_sqlite_migrations_are_shipped() -> None:
     from ergon_server.storage.migrate import load_migrations
 
     migrations = load_migrations("sqlite")
-    assert [m.version for m in migrations] == [1, 2]
-    assert [m.name for m in migrations] == ["0001_initial.sql", "0002_waits.sql"]
+    assert [m.version for m in migrations] == [1, 2, 3]
+    assert [m.name for m in migrations] == [
+        "0001_initial.sql",
+        "0002_waits.sql",
+        "0003_open_waits.sql",
+    ]
 
 
 async def test_get_entry_returns_one_journal_entry(store: Store) -> None:

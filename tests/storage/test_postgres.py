@@ -19,6 +19,7 @@ import pytest
 
 from ergon_server.errors import SchemaVersionError, StoreError, StoreUnavailableError
 from ergon_server.model import (
+    CANCEL_KEY,
     ClaimedFlow,
     EntryKind,
     FlowFinish,
@@ -35,8 +36,12 @@ from ergon_server.model import (
 )
 from ergon_server.storage import create_store
 from ergon_server.storage.memory import MemoryStore
+from ergon_server.storage.migrate import load_migrations
 from ergon_server.storage.postgres import (
+    _CANCEL_OPEN_WAITS,
     _EXPIRE,
+    _OPEN_WAITS,
+    _STATE_SQL,
     PostgresStore,
     _batch_flows,
     _ClaimFlows,
@@ -541,6 +546,7 @@ async def test_replicas_starting_together_migrate_once(dsn: str) -> None:
         assert [tuple(row) for row in rows] == [
             (1, "0001_initial.sql"),
             (2, "0002_record_steps.sql"),
+            (3, "0003_open_waits.sql"),
         ]
         assert await stores[0].schedule_flows([flow("f")], T0) == [ScheduleResult("f", CREATED)]
         assert await stores[1].schedule_flows([flow("f")], T0) == [ScheduleResult("f", EXISTING)]
@@ -554,6 +560,16 @@ async def test_replicas_starting_together_migrate_once_at_repeatable_read(
     await test_replicas_starting_together_migrate_once(repeatable_read_dsn)
 
 
+async def test_the_open_waits_migration_runs_again_harmlessly(dsn: str) -> None:
+    store = replica(dsn)
+    await store.open()
+    await store.close()
+    (migration,) = [m for m in load_migrations("postgres") if m.version == 3]
+    await pg.execute(dsn, migration.sql)
+    rows = await _fetch(dsn, "SELECT indexname FROM pg_indexes WHERE indexname = 'waits_open'")
+    assert len(rows) == 1
+
+
 async def test_newer_schema_is_refused(dsn: str) -> None:
     store = replica(dsn)
     await store.open()
@@ -563,7 +579,7 @@ async def test_newer_schema_is_refused(dsn: str) -> None:
     with pytest.raises(SchemaVersionError) as raised:
         await newer.open()
     assert str(raised.value) == (
-        "database schema version 9 is newer than this ergon-server supports (2); "
+        "database schema version 9 is newer than this ergon-server supports (3); "
         "upgrade ergon-server"
     )
     await newer.close()
@@ -801,6 +817,13 @@ async def test_hot_statements_use_their_indexes(
     plans: dict[str, str] = {}
     conn: asyncpg.Connection = await asyncpg.connect(first.dsn)
     try:
+        # Flows with a long history of waits, one of them still open each.
+        await conn.execute(
+            "INSERT INTO waits (flow_id, key, kind, status, fire_at, created_at) "
+            "SELECT 'f' || i, 'k' || j, 'TIMER', "
+            "CASE WHEN j = 1 THEN 'OPEN' ELSE 'SATISFIED' END, 0, 0 "
+            "FROM generate_series(0, 399) AS i, generate_series(1, 20) AS j"
+        )
         await conn.execute("ANALYZE")
         await conn.execute("SET enable_seqscan = off")
         for types in (["a"], ["a", "b"]):
@@ -810,6 +833,13 @@ async def test_hot_statements_use_their_indexes(
             plans[f"claim {types}"] = "\n".join(row[0] for row in rows)
         rows = await conn.fetch("EXPLAIN " + _EXPIRE, T0, 500)
         plans["expiry"] = "\n".join(row[0] for row in rows)
+        for name, sql, params in (
+            ("state", _STATE_SQL, (["f1", "f2"], CANCEL_KEY)),
+            ("open waits", _OPEN_WAITS, ("f1",)),
+            ("end's waits", _CANCEL_OPEN_WAITS, (["f1", "f2"],)),
+        ):
+            rows = await conn.fetch("EXPLAIN " + sql, *params)
+            plans[name] = "\n".join(row[0] for row in rows)
         checks = {
             "timers": "SELECT fire_at, flow_id, key FROM waits WHERE status = 'OPEN' "
             "AND kind = 'TIMER' AND fire_at <= 5 ORDER BY fire_at, flow_id, key LIMIT 3",
@@ -831,6 +861,9 @@ async def test_hot_statements_use_their_indexes(
         "owner": "flows_lease_owner",
         "signals": "waits_signals",
         "children": "waits_children",
+        "state": "waits_open",
+        "open waits": "waits_open",
+        "end's waits": "waits_open",
     }
     for name, index in expected.items():
         assert index in plans[name], f"{name}:\n{plans[name]}"

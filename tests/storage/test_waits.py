@@ -1059,7 +1059,11 @@ async def test_sqlite_upgrades_a_version_1_database(tmp_path: Path) -> None:
         with sqlite3.connect(path) as conn:
             versions = conn.execute("SELECT version, name FROM schema_version").fetchall()
         conn.close()
-        assert versions == [(1, "0001_initial.sql"), (2, "0002_waits.sql")]
+        assert versions == [
+            (1, "0001_initial.sql"),
+            (2, "0002_waits.sql"),
+            (3, "0003_open_waits.sql"),
+        ]
         record = await store.get_flow("run")
         assert record is not None
         assert (record.status, record.lease_token, record.lease_owner, record.labels) == (
@@ -1155,6 +1159,12 @@ async def test_sqlite_wait_statements_use_their_indexes(sqlite_store: SqliteStor
     assert "TEMP B-TREE" not in unconsumed, unconsumed
     state = plan(module._STATE_SQL.format(marks="?"), ("f",))
     assert "SCAN" not in state, state
+    assert "SEARCH w USING INDEX waits_open (flow_id=?)" in state, state
+    for sql in (module._OPEN_WAITS, module._CANCEL_OPEN_WAITS):
+        detail = plan(sql, ("f",))
+        assert "SEARCH w USING INDEX waits_open (flow_id=?)" in detail or (
+            "SEARCH waits USING INDEX waits_open (flow_id=?)" in detail
+        ), detail
     pairs = [("f", "a"), ("g", "b")]
     for select, alias in (
         (f"SELECT {module._WAIT_COLUMNS} FROM {{pairs}} JOIN waits AS w", "w"),
