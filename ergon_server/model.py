@@ -372,6 +372,12 @@ class StoreEventKind(enum.Enum):
     CANCEL_REQUESTED = "cancel_requested"
     # A flow ended (COMPLETED, FAILED, CANCELLED).
     ENDED = "ended"
+    # A RUNNING flow's lease expired and the flow was re-queued (flow, token): whoever holds
+    # that lease must stop running it.
+    LEASE_EXPIRED = "lease_expired"
+    # Events may have been lost (the listener was away): look again at everything, including
+    # the flows this process's sessions hold (a cancel, a satisfied wait, a lost lease).
+    EVENTS_LOST = "events_lost"
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,6 +81,10 @@ MAX_TIMER_FIRES_IN_FLIGHT = 16
 # Leases one expiry transaction re-queues; a scan takes more transactions when more expired
 # (after a long outage, say) rather than one that locks and rewrites every running flow.
 MAX_LEASES_EXPIRED_AT_ONCE = 500
+# Held flows read at once when store events may have been lost.
+RECHECKS_AT_ONCE = 32
+# Journal entries that a satisfied wait records (a wakeup carries them to the worker).
+_WAIT_KINDS = (EntryKind.TIMER, EntryKind.SIGNAL, EntryKind.CHILD)
 
 
 def validate_id(value: str, what: str, *, allow_empty: bool = False) -> None:
@@ -184,6 +188,14 @@ class Engine:
             self._timer_wake.set()
         elif event.kind is StoreEventKind.ENDED:
             self._notify(event.flow_id)
+        elif event.kind is StoreEventKind.LEASE_EXPIRED:
+            # Expired by another replica: the worker holding it here must stop, as when this
+            # server's own expiry scan takes it (only that lease, not a newer one).
+            self.dispatcher.revoke(event.flow_id, "LEASE_EXPIRED", event.lease_token)
+        elif event.kind is StoreEventKind.EVENTS_LOST:
+            self.dispatcher.wake()
+            self._timer_wake.set()
+            self._in_background(self._recheck_held_flows())
         else:
             session = self.dispatcher.holder(event.flow_id, event.lease_token)
             if session is None:
@@ -199,6 +211,56 @@ class Engine:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+    async def _recheck_held_flows(self) -> None:
+        """Tell the sessions here what lost store events would have told them.
+
+        Another replica may meanwhile have expired a lease held here, requested a cancel of a
+        flow held here or satisfied one of its waits: each held flow is read again, and its
+        session gets a revoke, a cancel request, or the wait entries recorded during its lease
+        (a wakeup its worker already had is ignored there).
+        """
+        held = self.dispatcher.held_flows()
+        log.info("store events may have been lost: checking the %d flows held here", len(held))
+        for start in range(0, len(held), RECHECKS_AT_ONCE):
+            await asyncio.gather(
+                *(self._recheck(*item) for item in held[start : start + RECHECKS_AT_ONCE])
+            )
+
+    async def _recheck(self, session: Session, flow_id: str, lease_token: int, given: int) -> None:
+        try:
+            record = await self.store.get_flow(flow_id)
+            entries: list[JournalRecord] = []
+            if (
+                record is not None
+                and record.status is FlowStatus.RUNNING
+                and record.lease_token == lease_token
+            ):
+                after, size = given, self.config.max_page_size
+                while page := await self.store.get_history(flow_id, after, size):
+                    entries += page
+                    if len(page) < size:
+                        break
+                    after = page[-1].sequence
+        except ErgonError as error:
+            log.warning("cannot check flow %s held here: %s", flow_id, error.message)
+            return
+        if self.dispatcher.holder(flow_id, lease_token) is not session:
+            return  # ended, moved or given back meanwhile
+        if (
+            record is None
+            or record.status is not FlowStatus.RUNNING
+            or record.lease_token != lease_token
+        ):
+            log.info("the lease on flow %s was lost meanwhile", flow_id, extra={"flow_id": flow_id})
+            self.dispatcher.revoke(flow_id, "LEASE_LOST", lease_token)
+            return
+        if record.cancel_requested:
+            reasons = [e.error.message for e in entries if e.kind is EntryKind.CANCEL and e.error]
+            session.send(CancelRequestedOut(flow_id, lease_token, reasons[0] if reasons else ""))
+        for entry in entries:
+            if entry.kind in _WAIT_KINDS:
+                session.send(WakeupOut(flow_id, lease_token, entry))
 
     async def _forward_wakeup(self, session: Session, event: StoreEvent) -> None:
         try:

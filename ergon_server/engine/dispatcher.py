@@ -35,6 +35,9 @@ class Dispatcher:
         self._sessions: dict[str, Session] = {}
         # flow_id -> the live session of this server that holds its lease.
         self._owners: dict[str, Session] = {}
+        # flow_id -> the last journal sequence its holder was given with the flow (0: unknown,
+        # as for a re-attached lease); entries after it were recorded during this lease.
+        self._given: dict[str, int] = {}
         self._wake = asyncio.Event()
         # Sessions whose last claim found less work than they had room for: freeing room in
         # one does not call for a pass (any new work comes with its own wake).
@@ -65,11 +68,21 @@ class Dispatcher:
         for flow_id in session.held:
             if self._owners.get(flow_id) is session:
                 del self._owners[flow_id]
+                self._given.pop(flow_id, None)
 
-    def adopt(self, session: Session, flow_id: str, lease_token: int) -> None:
-        """Record that a session runs a flow under a lease."""
+    def adopt(self, session: Session, flow_id: str, lease_token: int, given: int = 0) -> None:
+        """Record that a session runs a flow under a lease, given its journal up to `given`."""
         session.held[flow_id] = lease_token
         self._owners[flow_id] = session
+        self._given[flow_id] = given
+
+    def held_flows(self) -> list[tuple[Session, str, int, int]]:
+        """Every lease held here: (session, flow_id, lease_token, journal sequence given)."""
+        return [
+            (session, flow_id, session.held[flow_id], self._given.get(flow_id, 0))
+            for flow_id, session in self._owners.items()
+            if flow_id in session.held
+        ]
 
     def forget(
         self, flow_id: str, lease_token: int | None = None, *, ended: bool = False
@@ -85,6 +98,7 @@ class Dispatcher:
         if lease_token is not None and session.held.get(flow_id) != lease_token:
             return None
         del self._owners[flow_id]
+        self._given.pop(flow_id, None)
         session.held.pop(flow_id, None)
         if not (ended and session.session_id in self._starved):
             self.wake()
@@ -201,7 +215,8 @@ class Dispatcher:
             "ergon.dispatch", **{"ergon.flows": len(flows), "ergon.worker_id": session.worker_id}
         ):
             for flow in flows:
-                self.adopt(session, flow.flow_id, flow.lease_token)
+                given = max((entry.sequence for entry in flow.journal), default=0)
+                self.adopt(session, flow.flow_id, flow.lease_token, given)
                 session.assigned_total += 1
                 session.send(AssignmentOut(flow))
         self.dispatched_total += len(flows)

@@ -279,9 +279,10 @@ class Store(Protocol):
 
         Used by server replicas sharing one database (PostgreSQL: LISTEN/NOTIFY): a flow became
         ready, a timer was registered, a RUNNING flow's wait was satisfied or its cancel
-        requested, a flow ended. This instance's own changes are not echoed back: its caller
-        made them and acts on them itself. Events may come late, twice, or (on a reconnect) not
-        at all: they are hints, and the engine still polls. A store used by one process only
-        (memory, SQLite) may never call the listener. Call once, after `open()`.
+        requested, a lease expired, a flow ended. This instance's own changes are not echoed
+        back: its caller made them and acts on them itself. Events may come late, twice, or (on
+        a reconnect) not at all: they are hints, and the engine still polls; when some may have
+        been lost, EVENTS_LOST says so. A store used by one process only (memory, SQLite) may
+        never call the listener. Call once, after `open()`.
         """
         ...

@@ -38,12 +38,12 @@ Processes sharing the database (replicas). Nothing coordinates them but the data
   `StoreUnavailableError`.
 
 Notifications. Each batch collects hints of what it changed (a flow became ready, a timer was
-registered, a RUNNING flow's wait was satisfied or its cancel requested, a flow ended) and sends
-them with `pg_notify` on one channel inside the transaction, so they are delivered only if it
-commits. A payload is a compact JSON list of events (`_encode_events`), split below
-PostgreSQL's 8000-byte limit. `subscribe` LISTENs on a dedicated connection that reconnects by
-itself; events sent while it was away are lost (they are hints), so after a reconnect it
-delivers READY and TIMER to make the engine look again.
+registered, a RUNNING flow's wait was satisfied or its cancel requested, a lease expired, a
+flow ended) and sends them with `pg_notify` on one channel inside the transaction, so they are
+delivered only if it commits. A payload is a compact JSON list of events (`_encode_events`),
+split below PostgreSQL's 8000-byte limit. `subscribe` LISTENs on a dedicated connection that
+reconnects by itself; events sent while it was away are lost (they are hints), so after a
+reconnect it delivers READY, TIMER and EVENTS_LOST to make the engine look again.
 
 Errors. asyncpg and OS errors never leave this module: a lost or refused connection, a server
 shutting down or refusing connections, too many connections, a full disk, a closed pool become
@@ -267,6 +267,7 @@ _EVENT_CODES = {
     StoreEventKind.WAKEUP: "W",
     StoreEventKind.CANCEL_REQUESTED: "C",
     StoreEventKind.ENDED: "E",
+    StoreEventKind.LEASE_EXPIRED: "X",
 }
 _EVENT_KINDS = {code: kind for kind, code in _EVENT_CODES.items()}
 
@@ -277,7 +278,8 @@ def _encode_events(
     """Pack events into as few NOTIFY payloads of at most `limit` bytes as fit.
 
     A payload is a JSON list of lists: ["R"], ["T"], ["W", flow_id, lease_token, key],
-    ["C", flow_id, lease_token], ["E", flow_id]. ASCII-only JSON, so characters are bytes.
+    ["C", flow_id, lease_token], ["X", flow_id, lease_token], ["E", flow_id]. ASCII-only
+    JSON, so characters are bytes.
     With an `origin`, each payload starts with ["O", origin], naming the store instance
     that sent it (a decoder that does not know "O" skips it). An event too big for any
     payload (a huge flow_id) is dropped: events are hints.
@@ -293,7 +295,7 @@ def _encode_events(
         item: list[object] = [code]
         if event.kind is StoreEventKind.WAKEUP:
             item += [event.flow_id, event.lease_token, event.key]
-        elif event.kind is StoreEventKind.CANCEL_REQUESTED:
+        elif event.kind in (StoreEventKind.CANCEL_REQUESTED, StoreEventKind.LEASE_EXPIRED):
             item += [event.flow_id, event.lease_token]
         elif event.kind is StoreEventKind.ENDED:
             item.append(event.flow_id)
@@ -333,7 +335,7 @@ def _decode_events(payload: str, ignore_origin: str = "") -> list[StoreEvent]:
             if kind is StoreEventKind.WAKEUP:
                 flow_id, token, key = item[1:4]
                 events.append(StoreEvent(kind, str(flow_id), int(token), str(key)))
-            elif kind is StoreEventKind.CANCEL_REQUESTED:
+            elif kind in (StoreEventKind.CANCEL_REQUESTED, StoreEventKind.LEASE_EXPIRED):
                 flow_id, token = item[1:3]
                 events.append(StoreEvent(kind, str(flow_id), int(token)))
             elif kind is StoreEventKind.ENDED:
@@ -364,6 +366,9 @@ class _Events:
 
     def ended(self, flow_id: str) -> None:
         self.items[StoreEvent(StoreEventKind.ENDED, flow_id)] = None
+
+    def lease_expired(self, flow_id: str, lease_token: int) -> None:
+        self.items[StoreEvent(StoreEventKind.LEASE_EXPIRED, flow_id, lease_token)] = None
 
     def events(self) -> list[StoreEvent]:
         events: list[StoreEvent] = []
@@ -1095,7 +1100,9 @@ class _ExpireLeases(Command[list[Lease]]):
         """Re-queue up to `limit` expired leases, the soonest expired first.
 
         A flow another replica is writing at this moment is skipped, not waited for: it is
-        re-queued by a later scan if its lease is still expired then.
+        re-queued by a later scan if its lease is still expired then. Each expired lease is
+        notified (LEASE_EXPIRED): the session holding it may be on another replica, which
+        must tell its worker to stop.
         """
         for command in commands:
             rows = await tx.conn.fetch(_EXPIRE, command.now_ms, command.limit)
@@ -1104,6 +1111,8 @@ class _ExpireLeases(Command[list[Lease]]):
             if rows:
                 tx.locked.update(row[2] for row in ordered)
                 tx.events.ready = True
+                for row in ordered:
+                    tx.events.lease_expired(row[2], row[3])
 
 
 class _ReattachLeases(Command[list[str]]):
@@ -1467,7 +1476,8 @@ class _Listener:
 
     Silence is not proof of life, so an idle connection is pinged every `keepalive_s`; a ping
     that fails or a connection that closes starts a reconnect loop with capped backoff. After
-    a reconnect, READY and TIMER are delivered, since events sent meanwhile were lost.
+    a reconnect, READY, TIMER and EVENTS_LOST are delivered, since events sent meanwhile were
+    lost.
     """
 
     def __init__(
@@ -1533,6 +1543,7 @@ class _Listener:
             _log.info("the postgres LISTEN connection is back")
             self._deliver(StoreEvent(StoreEventKind.READY))
             self._deliver(StoreEvent(StoreEventKind.TIMER))
+            self._deliver(StoreEvent(StoreEventKind.EVENTS_LOST))
 
     async def _alive(self, conn: asyncpg.Connection) -> bool:
         try:
@@ -1933,8 +1944,8 @@ class PostgresStore(BatchedStore):
         """Deliver hints of changes other store instances made through this database (LISTEN).
 
         The first call opens a dedicated LISTEN connection (failing if it cannot); it
-        reconnects by itself if dropped, and then delivers READY and TIMER since events sent
-        meanwhile were lost. A listener must not block; its exceptions are logged.
+        reconnects by itself if dropped, and then delivers READY, TIMER and EVENTS_LOST since
+        events sent meanwhile were lost. A listener must not block; its exceptions are logged.
 
         Raises:
             StoreUnavailableError: The store is not open, or the connection failed.

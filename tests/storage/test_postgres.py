@@ -60,6 +60,7 @@ from tests.storage.support import (
     TTL,
     claim_one,
     flow,
+    lease,
     step,
 )
 from tests.support import postgres as pg
@@ -403,6 +404,12 @@ async def test_notifications_reach_the_other_replica(
     await first.finish_flows([done], T0 + 3)
     await events.wait_for(lambda e: e == StoreEvent(StoreEventKind.ENDED, "f1"))
 
+    # A lease the first replica expires: the holder may be on the other one.
+    lapsed = await claim_one(first, "f2", now=T0 + 4)
+    assert await first.expire_leases(T0 + 5 + TTL, 10) == [lease(lapsed)]
+    expired = StoreEvent(StoreEventKind.LEASE_EXPIRED, "f2", lapsed.lease_token)
+    await events.wait_for(lambda e: e == expired)
+
 
 async def test_a_replica_does_not_hear_its_own_notifications(
     replicas: tuple[PostgresStore, PostgresStore],
@@ -502,7 +509,8 @@ async def _listener_reconnects(first: PostgresStore, second: PostgresStore) -> N
     killed = await pg.execute(second.dsn, TERMINATE, "ergon-test-listener", "LISTEN%")
     assert killed == "SELECT 1"
     # After a reconnect the listener says "look again", since events may have been lost.
-    await events.wait_for(lambda e: e.kind is StoreEventKind.TIMER)
+    await events.wait_for(lambda e: e.kind is StoreEventKind.EVENTS_LOST)
+    assert {READY, StoreEventKind.TIMER} <= {e.kind for e in events.seen}
     events.seen.clear()
     await first.schedule_flows([flow("after")], T0)
     await events.wait_for(lambda e: e.kind is READY)
@@ -514,6 +522,7 @@ def test_event_payloads_round_trip_below_the_notify_limit() -> None:
         StoreEvent(StoreEventKind.TIMER),
         StoreEvent(StoreEventKind.WAKEUP, 'f\u00e9\n\t"1', 7, "k\\ey"),
         StoreEvent(StoreEventKind.CANCEL_REQUESTED, "f2", 3),
+        StoreEvent(StoreEventKind.LEASE_EXPIRED, "f\u00e93", 2**62),
         *(StoreEvent(StoreEventKind.ENDED, f"flow-{i:04d}-" + "x" * 60) for i in range(400)),
     ]
     payloads = _encode_events(events)
