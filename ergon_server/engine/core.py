@@ -43,6 +43,7 @@ from ergon_server.errors import (
     InvalidArgumentError,
     NotFoundError,
     StoreError,
+    StoreUnavailableError,
     UnavailableError,
 )
 from ergon_server.metrics import Metrics
@@ -133,6 +134,11 @@ class Engine:
         self._timer_scan_at: int | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._tracer = Tracer("ergon_server")
+        # The store failed since the last expiry scan: leases went unrenewed through no fault
+        # of their workers (`scan_expired_leases`).
+        self._store_failed = False
+        # No lease expires before this time (ms): the workers' renewals after an outage.
+        self._expiry_grace_until: int | None = None
         self.draining = False
         self.timers_fired = 0
         # Counts work handled; a test environment watches it to tell when all is idle.
@@ -308,9 +314,59 @@ class Engine:
         while True:
             await asyncio.sleep(self.config.expiry_scan_interval_ms / 1000)
             try:
-                await self.expire_leases()
+                await self.scan_expired_leases()
             except ErgonError as error:
                 log.warning("lease expiry scan failed: %s", error.message)
+
+    async def scan_expired_leases(self) -> None:
+        """Expire leases, unless the store is just back from an outage.
+
+        While the store is down, heartbeats cannot renew leases: once it is back, leases older
+        than a TTL belong to workers that are alive all the same. So the first scan after a
+        failure renews the leases of this server's live sessions (a write: it fails while the
+        store is still down), and then no lease expires for one lease TTL, time for every
+        worker's heartbeats (through any replica) to renew theirs. A worker that really died
+        meanwhile has its flows re-queued one TTL later.
+        """
+        if self._store_failed:
+            await self._renew_live_leases()
+            self._store_failed = False
+            ttl = self.config.lease_ttl_ms
+            self._expiry_grace_until = self.clock.now_ms() + ttl
+            log.warning(
+                "the store is back: leases expire again in %d ms, once workers renewed them", ttl
+            )
+        if self._expiry_grace_until is not None:
+            if self.clock.now_ms() < self._expiry_grace_until:
+                return
+            self._expiry_grace_until = None
+        try:
+            await self.expire_leases()
+        except StoreUnavailableError:
+            self._store_failed = True
+            raise
+
+    async def _renew_live_leases(self) -> None:
+        """Renew the leases of the sessions here heard from within a lease TTL."""
+        now = self.clock.now_ms()
+        expires_at = now + self.config.lease_ttl_ms
+        live = [
+            session
+            for session in self.dispatcher.sessions
+            if session.held
+            and session.last_heard_ms is not None
+            and session.last_heard_ms >= now - self.config.lease_ttl_ms
+        ]
+        if not live:
+            # Still a write, so that it tells whether the store takes writes again.
+            await self.store.renew_leases("", expires_at, [])
+            return
+        await asyncio.gather(
+            *(
+                self.store.renew_leases(session.session_id, expires_at, sorted(session.held))
+                for session in live
+            )
+        )
 
     async def expire_leases(self, limit: int = MAX_LEASES_EXPIRED_AT_ONCE) -> int:
         """Re-queue every lease expired now (in batches of `limit`); returns how many."""
@@ -1030,6 +1086,8 @@ class Engine:
                     session.session_id, now + self.config.lease_ttl_ms, sorted(session.held)
                 )
             except ErgonError as error:
+                if isinstance(error, StoreUnavailableError):
+                    self._store_failed = True  # this lease goes unrenewed (`scan_expired_leases`)
                 self._refuse(session, [event.seq], error)
                 return
         if event.seq:

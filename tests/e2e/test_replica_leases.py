@@ -1,8 +1,9 @@
-"""Leases and the hints between replicas: a worker hears what another replica did to its flow.
+"""Leases of replicas on PostgreSQL: a worker hears what another replica did to its flow, and
+keeps its flow through a store outage.
 
-Two in-process servers share one PostgreSQL database (real gRPC, real stores, real LISTEN/
-NOTIFY); the worker is a raw stream, so the test decides when it heartbeats and sees every
-event the server sends it.
+In-process servers share one PostgreSQL database (real gRPC, real stores, real LISTEN/
+NOTIFY), some through a TCP proxy the test can cut; the worker is a raw stream, so the test
+decides when it heartbeats and sees every event the server sends it.
 """
 
 from __future__ import annotations
@@ -236,3 +237,58 @@ async def test_a_lease_expired_while_the_holder_s_listener_was_away_is_revoked_a
                 assignment.lease_token,
                 "LEASE_LOST",
             )
+
+
+async def test_a_store_outage_longer_than_the_lease_ttl_expires_no_live_worker_s_lease(
+    database: str,
+) -> None:
+    ttl_ms = 1_000
+    upstream = urlsplit(database)
+    with TcpProxy(f"{upstream.hostname}:{upstream.port or 5432}") as proxy:
+        async with (
+            ErgonTestServer(
+                through(proxy, database),
+                allow_unregistered_flow_types=True,
+                lease_ttl_ms=ttl_ms,
+                heartbeat_interval_ms=ttl_ms // 2,
+                expiry_scan_interval_ms=20,
+            ) as server,
+            running_flow(server, "f1") as (worker, assignment),
+        ):
+            ack = await worker.ack(await worker.send(heartbeat=worker_pb2.Heartbeat()))
+            assert ack.code == 0, ack
+            proxy.set_mode(Mode.DROP)
+            try:
+                # Down for three TTLs; the worker heartbeats all along, in vain.
+                for _ in range(6):
+                    await asyncio.sleep(ttl_ms / 2 / 1000)
+                    ack = await worker.ack(await worker.send(heartbeat=worker_pb2.Heartbeat()))
+                    assert ack.reason == "STORE_UNAVAILABLE", ack
+            finally:
+                proxy.set_mode(Mode.PASS)
+
+            # Back. The worker's next heartbeat comes after several expiry scans (as it may:
+            # heartbeats are seconds apart) and still finds its lease.
+            async def reachable() -> bool:
+                async with grpc.aio.insecure_channel(server.address) as channel:
+                    scheduler = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+                    try:
+                        await scheduler.GetFlow(scheduler_pb2.GetFlowRequest(flow_id="f1"))
+                    except grpc.aio.AioRpcError:
+                        return False
+                    return True
+
+            await eventually(reachable, within=30, what="the store is back")
+            await asyncio.sleep(10 * 20 / 1000)
+
+            async def renewed() -> bool:
+                ack = await worker.ack(await worker.send(heartbeat=worker_pb2.Heartbeat()))
+                return ack.code == 0
+
+            await eventually(renewed, within=30, interval=0.2, what="a heartbeat renews")
+            done = worker_pb2.FlowCompleted(
+                flow_id="f1", lease_token=assignment.lease_token, result=payload(b"1")
+            )
+            ack = await worker.ack(await worker.send(flow_completed=done))
+            assert (ack.code, ack.reason) == (0, ""), ack
+            assert worker.of_kind("revoke") == []

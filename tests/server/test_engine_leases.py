@@ -10,7 +10,8 @@ import pytest
 
 from ergon_server.clock import ManualClock
 from ergon_server.engine import Engine, EngineConfig
-from ergon_server.engine.sessions import RevokeOut
+from ergon_server.engine.sessions import AckOut, HeartbeatIn, RevokeOut
+from ergon_server.errors import StoreUnavailableError
 from ergon_server.model import FlowStatus, NewFlow
 from ergon_server.storage import create_store
 from ergon_server.storage.base import Store
@@ -61,3 +62,55 @@ async def test_an_expiry_scan_re_queues_every_expired_lease_a_batch_at_a_time(
     }
     assert late.flow_id == "late"
     assert await engine.expire_leases(limit=3) == 0
+
+
+async def test_after_a_store_outage_live_workers_keep_their_leases(store: Store) -> None:
+    """Heartbeats could not renew leases while the store was down: that expires none."""
+    clock = ManualClock()
+    config = EngineConfig(
+        allow_unregistered_flow_types=True, lease_ttl_ms=TTL_MS, heartbeat_interval_ms=5_000
+    )
+    engine = Engine(store, clock, config)
+    await engine.schedule_flows([NewFlow("f1", "T", b""), NewFlow("f2", "T", b"")])
+    session, _ = await engine.open_session("w", ["T"], 1, 1, [])
+    now = clock.now_ms()
+    (mine,) = await store.claim_flows(session.session_id, ["T"], 1, now + TTL_MS, now)
+    engine.dispatcher.adopt(session, mine.flow_id, mine.lease_token)
+    # Leased to a session of another replica, whose worker renews it through that replica.
+    (theirs,) = await store.claim_flows("elsewhere", ["T"], 1, now + TTL_MS, now)
+    await store.close()
+    # Down for two lease TTLs; the worker heartbeats all along, and every renewal fails.
+    for seq in range(1, 8):
+        clock.advance(5_000)
+        await engine.handle_worker_events(session, [HeartbeatIn(seq)])
+        (ack,) = await session.next_batch()
+        assert isinstance(ack, AckOut) and ack.reason == "STORE_UNAVAILABLE", ack
+    with pytest.raises(StoreUnavailableError):
+        await engine.scan_expired_leases()
+    await store.open()
+    back = clock.now_ms()
+
+    async def statuses() -> dict[str, FlowStatus]:
+        page = await store.list_flows([], None, 10, None)
+        return {record.flow_id: record.status for record in page.flows}
+
+    # The first scan renews the live session's leases here, and expires none for a TTL:
+    # the other replica's worker renews its own meanwhile.
+    await engine.scan_expired_leases()
+    record = await store.get_flow(mine.flow_id)
+    assert record is not None
+    assert (record.lease_token, record.lease_expires_at) == (mine.lease_token, back + TTL_MS)
+    clock.advance(TTL_MS - 1)
+    await engine.scan_expired_leases()
+    assert await statuses() == {"f1": FlowStatus.RUNNING, "f2": FlowStatus.RUNNING}
+    # Past the grace, leases nobody renewed expire as usual.
+    clock.advance(1)
+    await engine.scan_expired_leases()
+    assert await statuses() == {
+        mine.flow_id: FlowStatus.RUNNING,
+        theirs.flow_id: FlowStatus.PENDING,
+    }
+    clock.advance(1)
+    await engine.scan_expired_leases()
+    assert await statuses() == {"f1": FlowStatus.PENDING, "f2": FlowStatus.PENDING}
+    assert session.held == {}
