@@ -74,11 +74,14 @@ async def test_metrics_after_a_run(tmp_path) -> None:  # type: ignore[no-untyped
         assert head.startswith("HTTP/1.1 200") and "text/plain" in head
         assert value(body, 'ergon_steps_total{outcome="completed"}') == 20
         assert value(body, 'ergon_flows_finished_total{status="completed"}') == 20
-        assert value(body, "ergon_flows_dispatched_total") >= 40  # before and after the timer
+        # Before the timer, and again after it unless the timer had fired by the time the
+        # flow would suspend (a loaded machine): the worker then carries on in memory.
+        dispatched = value(body, "ergon_flows_dispatched_total")
+        assert 20 <= dispatched <= 40
         assert value(body, "ergon_timers_fired_total") == 20
         assert value(body, "ergon_step_duration_seconds_count") == 20
         assert value(body, "ergon_step_duration_seconds_sum") >= 20 * 0.01
-        assert value(body, "ergon_dispatch_latency_seconds_count") >= 40
+        assert value(body, "ergon_dispatch_latency_seconds_count") == dispatched
         assert value(body, "ergon_timer_lateness_seconds_count") == 20
         assert value(body, "ergon_store_commit_seconds_count") > 0
         assert value(body, "ergon_sessions") == 1
