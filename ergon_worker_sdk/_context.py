@@ -67,14 +67,6 @@ _STEP: contextvars.ContextVar[_StepScope | None] = contextvars.ContextVar(
 Recorder = Callable[[worker_pb2.WorkerEvent], Awaitable[worker_pb2.Ack]]
 
 
-# The journal entry kind of each kind of wait request.
-_WAIT_KINDS = {
-    "timer": common_pb2.ENTRY_KIND_TIMER,
-    "signal": common_pb2.ENTRY_KIND_SIGNAL,
-    "child": common_pb2.ENTRY_KIND_CHILD,
-    "": common_pb2.ENTRY_KIND_UNSPECIFIED,
-}
-
 # Between a task's first key and the keys of its later calls ("fetch#2>process#1").
 TASK_KEY_SEPARATOR = ">"
 
@@ -217,6 +209,8 @@ class FlowContext:
         # Tasks of the flow's own (gathered steps, raced waits) that called into it, besides
         # `task`: stopped with the flow, so no step body outlives the flow's end.
         self._branches: set[asyncio.Task[Any]] = set()
+        # Set once the flow's own code has ended: a task it left behind may no longer call in.
+        self._closed = False
         self.suspended = False
         self.cancel_requested = CANCEL_KEY in self._entries
         self._cancel_delivered = False
@@ -234,12 +228,19 @@ class FlowContext:
 
     def _track_branch(self) -> None:
         task = asyncio.current_task()
-        if task is not None and task is not self.task and task not in self._branches:
+        if task is None or task is self.task:
+            return
+        if self._closed:
+            # Started by the flow, and still running after its end (it had not called in
+            # before, so it was not stopped with the others): it must not act now.
+            raise asyncio.CancelledError
+        if task not in self._branches:
             self._branches.add(task)
             task.add_done_callback(self._branches.discard)
 
     def cancel_branches(self) -> list[asyncio.Task[Any]]:
-        """Cancel the flow's other tasks still running; returns them."""
+        """Cancel the flow's other tasks still running, and refuse any later call from one."""
+        self._closed = True
         running = [task for task in self._branches if not task.done()]
         for task in running:
             task.cancel()
@@ -446,7 +447,9 @@ class FlowContext:
         while self._unacked:
             key, task = next(iter(self._unacked.items()))
             try:
-                await task
+                # Shielded: a branch cancelled while it waits here must not cancel an ack that
+                # the flow's other tasks, and its end, still need.
+                await asyncio.shield(task)
             except LeaseLostError:
                 raise
             except RpcError as error:
@@ -456,7 +459,7 @@ class FlowContext:
                     self.refusal = error
                 raise
             finally:
-                if self._unacked.get(key) is task:
+                if task.done() and self._unacked.get(key) is task:
                     del self._unacked[key]
 
     def abandon_acks(self) -> None:
@@ -484,16 +487,22 @@ class FlowContext:
         return f"{scope.key}/{name}#{count}", True
 
     async def wait(
-        self, name: str, fill: Callable[[worker_pb2.WaitRequest], None], *, timer: bool = False
+        self,
+        name: str,
+        fill: Callable[[worker_pb2.WaitRequest], None],
+        kind: common_pb2.EntryKind.ValueType,
+        *,
+        timer: bool = False,
     ) -> common_pb2.JournalEntry:
-        """Wait durably under a deterministic key; returns the wait's journal entry."""
+        """Wait durably under a deterministic key; returns the wait's journal entry (`kind`)."""
         key, in_step = self.wait_key_for(name)
-        return await self.wait_key(key, fill, timer=timer, in_step=in_step)
+        return await self.wait_key(key, fill, kind, timer=timer, in_step=in_step)
 
     async def wait_key(
         self,
         key: str,
         fill: Callable[[worker_pb2.WaitRequest], None],
+        kind: common_pb2.EntryKind.ValueType,
         *,
         timer: bool = False,
         in_step: bool = False,
@@ -503,9 +512,7 @@ class FlowContext:
         entry = self._entries.get(key)
         if entry is not None:
             self._consumed.add(key)
-            probe = worker_pb2.WaitRequest()
-            fill(probe)
-            if entry.kind != _WAIT_KINDS[probe.WhichOneof("wait") or ""]:
+            if entry.kind != kind:
                 raise HistoryMismatchError(
                     f"{key} of flow {self.flow_id} was recorded as another kind of entry; "
                     "the flow's code changed"
@@ -642,8 +649,13 @@ class FlowContext:
                 self.task.cancel()
             return
         except RpcError as error:
+            # Permanent (an unavailable server is retried by the stream): the flow could only
+            # wait for ever, holding its slot. Its open waits raise it, and the flow fails.
             log.warning("flow %s: suspend refused: %s", self.flow_id, error)
             self._suspending = False
+            for future in self._open.values():
+                if not future.done():
+                    future.set_exception(error)
             return
         self._abandoned.difference_update(abandoned)
         if ack.suspended:
@@ -669,7 +681,7 @@ class FlowContext:
             request.child.flow_type = flow_type
             request.child.input.CopyFrom(payload)
 
-        entry = await self.wait_key(key, fill, in_step=in_step)
+        entry = await self.wait_key(key, fill, common_pb2.ENTRY_KIND_CHILD, in_step=in_step)
         if entry.status == common_pb2.ENTRY_STATUS_FAILED:
             raise ChildFlowError(
                 entry.error.type, entry.error.message, not entry.error.non_retryable

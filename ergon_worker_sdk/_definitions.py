@@ -122,7 +122,8 @@ class RetryPolicy:
     def delay_ms(self, attempt: int) -> int:
         """The delay after attempt number `attempt` failed: up to 10% jitter, never over the cap."""
         try:
-            delay = self.initial_delay_ms * self.backoff_multiplier ** max(0, attempt - 1)
+            # In floats: an int multiplier's power never overflows, but the product would.
+            delay = self.initial_delay_ms * float(self.backoff_multiplier) ** max(0, attempt - 1)
         except OverflowError:
             # A policy retrying for ever reaches this after about a thousand attempts.
             delay = math.inf

@@ -13,7 +13,7 @@ from ergon_worker_sdk.errors import (
     HistoryMismatchError,
     LeaseLostError,
 )
-from ergon_worker_sdk.proto.ergon.v1 import worker_pb2
+from ergon_worker_sdk.proto.ergon.v1 import common_pb2, worker_pb2
 
 R = TypeVar("R")
 
@@ -45,7 +45,7 @@ async def schedule_timer(seconds: float) -> None:
     if context is None:
         await asyncio.sleep(seconds)
         return
-    await context.wait("timer", _timer(seconds), timer=True)
+    await context.wait("timer", _timer(seconds), common_pb2.ENTRY_KIND_TIMER, timer=True)
 
 
 async def schedule_timer_named(seconds: float, name: str) -> None:
@@ -54,7 +54,12 @@ async def schedule_timer_named(seconds: float, name: str) -> None:
     if context is None:
         await asyncio.sleep(seconds)
         return
-    await context.wait(f"timer:{_name(name, 'a timer name')}", _timer(seconds), timer=True)
+    await context.wait(
+        f"timer:{_name(name, 'a timer name')}",
+        _timer(seconds),
+        common_pb2.ENTRY_KIND_TIMER,
+        timer=True,
+    )
 
 
 async def await_external_signal(name: str, hint: Any = None) -> Any:
@@ -70,7 +75,9 @@ async def await_external_signal(name: str, hint: Any = None) -> Any:
     def fill(request: worker_pb2.WaitRequest) -> None:
         request.signal.name = name
 
-    entry = await context.wait(f"signal:{_name(name, 'a signal name')}", fill)
+    entry = await context.wait(
+        f"signal:{_name(name, 'a signal name')}", fill, common_pb2.ENTRY_KIND_SIGNAL
+    )
     return context.converter.from_payload(entry.result, hint)
 
 

@@ -21,7 +21,6 @@ from ergon_worker_sdk.errors import (
     HistoryMismatchError,
     LeaseLostError,
     RpcError,
-    ServerUnavailableError,
 )
 from ergon_worker_sdk.proto.ergon.v1 import common_pb2, worker_pb2
 from ergon_worker_sdk.tracing import Tracer
@@ -211,8 +210,6 @@ class Worker:
             log.exception("flow %s: the worker failed running it; parking it", flow_id)
             self._park_soon(flow_id, token, error)
         finally:
-            # Suspended, dropped or failed here: what the flow left running stops with it.
-            context.cancel_branches()
             running = self._running.get(flow_id)
             if running is not None and running.lease_token == token:
                 del self._running[flow_id]
@@ -279,7 +276,7 @@ class Worker:
             except (asyncio.CancelledError, LeaseLostError):
                 raise
             except HistoryMismatchError as error:
-                await context.settle()
+                await _settle(context)
                 await self._park(assignment, error)
                 return
             except Exception as error:
@@ -290,16 +287,8 @@ class Worker:
                 ):
                     delay = max(1, policy.delay_ms(context.attempt))
                 # The end of the flow comes after every step result it saw, as always.
-                try:
-                    await context.settle()
-                except LeaseLostError:
-                    raise
-                except RpcError:
-                    pass  # kept in `context.refusal`
+                await _settle(context)
                 refusal = context.refusal
-                if isinstance(refusal, ServerUnavailableError):
-                    # Not the flow's fault: it runs again (parked, see `_execute`).
-                    raise refusal from error
                 if refusal is not None:
                     # A step result the server will not take (over its payload limit, say):
                     # run again, the step would only make it again.
@@ -414,8 +403,13 @@ class Worker:
             if late:
                 log.info("%d flows still running after the grace period; releasing them", len(late))
             leases = [(flow_id, running.lease_token) for flow_id, running in self._running.items()]
+            dropped = [running.task for running in self._running.values()]
             for flow_id, _ in leases:
                 self._drop(flow_id)
+            # Stopped first (their step bodies with them): given back while a body still ran,
+            # a flow could run on another worker beside it.
+            if dropped:
+                await asyncio.wait(dropped, timeout=RELEASE_TIMEOUT_S)
             # Given back together if the server answers soon; if not (or with no stream up),
             # their leases lapse anyway.
             if leases and stream.connected.is_set():
@@ -429,6 +423,20 @@ class Worker:
             await task
         self._stream = None
         self._stream_task = None
+
+
+async def _settle(context: FlowContext) -> None:
+    """Wait for the flow's step results to be stored, before its end.
+
+    A refused one is kept in `context.refusal` for the end to act on (an unavailable server
+    is retried by the stream, so a refusal is for good); a lost lease ends the run here.
+    """
+    try:
+        await context.settle()
+    except LeaseLostError:
+        raise
+    except RpcError:
+        pass
 
 
 def _release_event(flow_id: str, lease_token: int) -> worker_pb2.WorkerEvent:

@@ -215,7 +215,8 @@ class Dispatcher:
             "ergon.dispatch", **{"ergon.flows": len(flows), "ergon.worker_id": session.worker_id}
         ):
             for flow in flows:
-                given = max((entry.sequence for entry in flow.journal), default=0)
+                # The journal comes in sequence order.
+                given = flow.journal[-1].sequence if flow.journal else 0
                 self.adopt(session, flow.flow_id, flow.lease_token, given)
                 session.assigned_total += 1
                 session.send(AssignmentOut(flow))

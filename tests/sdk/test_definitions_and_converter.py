@@ -104,6 +104,7 @@ def test_retry_policy() -> None:
     # A policy retrying for ever: past float range, delays stay at the cap (a day without one).
     assert policy.delay_ms(5_000) == 250
     assert RetryPolicy(max_delay_ms=0).delay_ms(5_000) == 24 * 3600 * 1000
+    assert RetryPolicy(backoff_multiplier=2, max_delay_ms=250).delay_ms(5_000) == 250
     assert RetryPolicy.STANDARD.max_attempts == 3 and RetryPolicy.AGGRESSIVE.max_attempts == 10
     with pytest.raises(ValueError):
         RetryPolicy(max_attempts=0)

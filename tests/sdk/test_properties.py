@@ -38,6 +38,7 @@ from ergon_worker_sdk import (
     step,
 )
 from ergon_worker_sdk._context import SETTLE_S
+from ergon_worker_sdk.errors import InvalidArgumentError
 from ergon_worker_sdk.proto.ergon.v1 import common_pb2, worker_pb2
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -548,7 +549,7 @@ async def test_a_wakeup_read_before_its_wait_resumes_is_not_lost() -> None:
         request.signal.name = "go"
 
     async with asyncio.timeout(5):
-        entry = await context.wait("signal:go", fill)
+        entry = await context.wait("signal:go", fill, common_pb2.ENTRY_KIND_SIGNAL)
     assert entry == satisfied
 
 
@@ -629,5 +630,80 @@ async def test_a_wait_whose_key_was_recorded_as_another_kind_is_a_history_mismat
     try:
         with pytest.raises(HistoryMismatchError, match="another kind"):
             await schedule_timer(5)
+    finally:
+        FlowContext.deactivate(token)
+
+
+async def test_a_branch_cancelled_while_it_waits_for_a_result_leaves_that_result_due() -> None:
+    """Cancelling a task waiting in `settle` must not cancel the shared ack it waits on: the
+    result would be dropped from what the flow's end waits for, and never sent again."""
+    log: list[str] = []
+
+    async def recorder(event: worker_pb2.WorkerEvent) -> worker_pb2.Ack:
+        key = event.step_result.key
+        await asyncio.sleep(SETTLE_S * 4)
+        log.append(f"stored {key}")
+        return worker_pb2.Ack()
+
+    context = make_context(recorder, "shielded")
+    flow = TwoSteps()
+    token = context.activate()
+    try:
+        assert await flow.first() == 1  # its result goes out; its ack comes later
+        waiting = asyncio.ensure_future(flow.second())  # waits for first#1's ack
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert context.unacked_keys() == ["first#1"]
+        await context.settle()
+    finally:
+        FlowContext.deactivate(token)
+    assert log == ["stored first#1"]
+    assert flow.bodies == ["first"]
+
+
+async def test_a_task_the_flow_left_behind_cannot_run_a_step_after_the_flows_end() -> None:
+    ran: list[str] = []
+
+    async def recorder(event: worker_pb2.WorkerEvent) -> worker_pb2.Ack:
+        ran.append(event.WhichOneof("event") or "")
+        return worker_pb2.Ack()
+
+    context = make_context(recorder, "closed")
+    flow = TwoSteps()
+    go = asyncio.Event()
+
+    async def late() -> int:
+        await go.wait()  # nothing durable yet: the flow's end does not know this task
+        return await flow.first()
+
+    token = context.activate()
+    try:
+        straggler = asyncio.ensure_future(late())
+        await asyncio.sleep(0)
+        await context.stop_branches()  # the flow's code ended
+        go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await straggler
+    finally:
+        FlowContext.deactivate(token)
+    assert (flow.bodies, ran) == ([], [])
+
+
+async def test_a_refused_suspend_fails_the_waits_instead_of_holding_the_slot() -> None:
+    refusal = InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, "NO_WAITS", "refused")
+
+    async def recorder(event: worker_pb2.WorkerEvent) -> worker_pb2.Ack:
+        if event.WhichOneof("event") == "suspend":
+            raise refusal
+        return worker_pb2.Ack()
+
+    context = make_context(recorder, "refused-suspend")
+    token = context.activate()
+    try:
+        async with asyncio.timeout(5):
+            with pytest.raises(InvalidArgumentError):
+                await await_external_signal("never")
     finally:
         FlowContext.deactivate(token)

@@ -776,7 +776,10 @@ Global___Suspend: _TypeAlias = Suspend  # noqa: Y015
 
 @_typing.final
 class Park(_message.Message):
-    """The flow's code no longer matches its journal: park it and retry later with backoff."""
+    """The worker cannot run the flow now: park it and retry later with backoff. Reasons the SDK
+    sends: HISTORY_MISMATCH (the flow's code no longer matches its journal) and WORKER_ERROR
+    (the worker failed running it, e.g. its input type does not resolve).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
