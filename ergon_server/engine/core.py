@@ -134,11 +134,13 @@ class Engine:
         self._timer_scan_at: int | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._tracer = Tracer("ergon_server")
-        # The store failed since the last expiry scan: leases went unrenewed through no fault
-        # of their workers (`scan_expired_leases`).
-        self._store_failed = False
-        # No lease expires before this time (ms): the workers' renewals after an outage.
+        # When the store first failed since the last expiry scan (ms): leases went unrenewed
+        # from then through no fault of their workers (`scan_expired_leases`).
+        self._store_failed_at: int | None = None
+        # Until this time (ms), only leases that ran out before `_grace_cutoff` expire: the
+        # workers' renewals after an outage.
         self._expiry_grace_until: int | None = None
+        self._grace_cutoff = 0
         self.draining = False
         self.timers_fired = 0
         # Counts work handled; a test environment watches it to tell when all is idle.
@@ -324,27 +326,34 @@ class Engine:
         While the store is down, heartbeats cannot renew leases: once it is back, leases older
         than a TTL belong to workers that are alive all the same. So the first scan after a
         failure renews the leases of this server's live sessions (a write: it fails while the
-        store is still down), and then no lease expires for one lease TTL, time for every
-        worker's heartbeats (through any replica) to renew theirs. A worker that really died
-        meanwhile has its flows re-queued one TTL later.
+        store is still down), and then, for one lease TTL, only leases that had run out before
+        the failure expire: time for every worker's heartbeats (through any replica) to renew
+        theirs. A worker that really died meanwhile has its flows re-queued one TTL later, and
+        one that died before still at once, however often the store fails.
         """
-        if self._store_failed:
+        if self._store_failed_at is not None:
             await self._renew_live_leases()
-            self._store_failed = False
+            self._grace_cutoff, self._store_failed_at = self._store_failed_at, None
             ttl = self.config.lease_ttl_ms
             self._expiry_grace_until = self.clock.now_ms() + ttl
             log.warning(
                 "the store is back: leases expire again in %d ms, once workers renewed them", ttl
             )
+        cutoff = None
         if self._expiry_grace_until is not None:
             if self.clock.now_ms() < self._expiry_grace_until:
-                return
-            self._expiry_grace_until = None
+                cutoff = self._grace_cutoff
+            else:
+                self._expiry_grace_until = None
         try:
-            await self.expire_leases()
+            await self.expire_leases(before_ms=cutoff)
         except StoreUnavailableError:
-            self._store_failed = True
+            self._note_store_failure()
             raise
+
+    def _note_store_failure(self) -> None:
+        if self._store_failed_at is None:
+            self._store_failed_at = self.clock.now_ms()
 
     async def _renew_live_leases(self) -> None:
         """Renew the leases of the sessions here heard from within a lease TTL."""
@@ -368,11 +377,19 @@ class Engine:
             )
         )
 
-    async def expire_leases(self, limit: int = MAX_LEASES_EXPIRED_AT_ONCE) -> int:
-        """Re-queue every lease expired now (in batches of `limit`); returns how many."""
+    async def expire_leases(
+        self, limit: int = MAX_LEASES_EXPIRED_AT_ONCE, *, before_ms: int | None = None
+    ) -> int:
+        """Re-queue the leases expired now, or before `before_ms`; returns how many.
+
+        In batches of `limit`, one transaction each.
+        """
         expired_total = 0
         while True:
-            expired = await self.store.expire_leases(self.clock.now_ms(), limit)
+            # With a cutoff, the re-queued flows are stamped with it (ready since then).
+            now_ms = self.clock.now_ms()
+            at_ms = now_ms if before_ms is None else min(now_ms, before_ms)
+            expired = await self.store.expire_leases(at_ms, limit)
             for lease in expired:
                 flow_id = lease.flow_id
                 log.info("lease on flow %s expired; re-queued", flow_id, extra={"flow_id": flow_id})
@@ -1087,7 +1104,7 @@ class Engine:
                 )
             except ErgonError as error:
                 if isinstance(error, StoreUnavailableError):
-                    self._store_failed = True  # this lease goes unrenewed (`scan_expired_leases`)
+                    self._note_store_failure()  # leases go unrenewed (`scan_expired_leases`)
                 self._refuse(session, [event.seq], error)
                 return
         if event.seq:

@@ -114,3 +114,33 @@ async def test_after_a_store_outage_live_workers_keep_their_leases(store: Store)
     await engine.scan_expired_leases()
     assert await statuses() == {"f1": FlowStatus.PENDING, "f2": FlowStatus.PENDING}
     assert session.held == {}
+
+
+async def test_a_lease_that_ran_out_before_an_outage_expires_in_the_grace_after_it(
+    store: Store,
+) -> None:
+    """The grace after an outage is for leases the outage kept from renewing, not for a worker
+    that was already gone: else outages recurring within a TTL would keep its flows forever."""
+    clock = ManualClock()
+    config = EngineConfig(
+        allow_unregistered_flow_types=True, lease_ttl_ms=TTL_MS, heartbeat_interval_ms=5_000
+    )
+    engine = Engine(store, clock, config)
+    await engine.schedule_flows([NewFlow("dead", "T", b""), NewFlow("live", "T", b"")])
+    session, _ = await engine.open_session("w", ["T"], 1, 1, [])
+    now = clock.now_ms()
+    (gone,) = await store.claim_flows("gone", ["T"], 1, now + TTL_MS, now)
+    clock.advance(TTL_MS + 1)  # the dead worker's lease has run out; nobody scanned yet
+    now = clock.now_ms()
+    (mine,) = await store.claim_flows(session.session_id, ["T"], 1, now + TTL_MS, now)
+    engine.dispatcher.adopt(session, mine.flow_id, mine.lease_token)
+    await store.close()
+    clock.advance(5_000)
+    await engine.handle_worker_events(session, [HeartbeatIn(1)])
+    (ack,) = await session.next_batch()
+    assert isinstance(ack, AckOut) and ack.reason == "STORE_UNAVAILABLE", ack
+    await store.open()
+    await engine.scan_expired_leases()
+    dead, live = await store.get_flow(gone.flow_id), await store.get_flow(mine.flow_id)
+    assert dead is not None and live is not None
+    assert (dead.status, live.status) == (FlowStatus.PENDING, FlowStatus.RUNNING)
