@@ -441,6 +441,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ErgonError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader went away (`ergon flows list | head`): what it wanted was written. Output
+        # still buffered would raise again at exit, so stdout goes nowhere from here.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

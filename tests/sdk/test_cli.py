@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import AsyncIterator
@@ -240,3 +241,35 @@ async def test_schedule_input_is_an_empty_object_by_default_and_must_be_json() -
             code, out, err = await ergon(server.address, *command, "--json", "{oops")
             assert (code, out) == (2, ""), err
             assert "argument --json: not valid JSON" in err, err
+
+
+async def test_a_reader_that_stops_early_gets_no_traceback() -> None:
+    """`ergon flows list | head -1`: the pipe closes under the listing; that is not an error."""
+    async with (
+        ErgonTestServer(allow_unregistered_flow_types=True) as server,
+        server.client() as client,
+    ):
+        # More rows than a pipe holds (64 KiB), so the listing is still writing when it closes.
+        await client.schedule_many([CliOrder(f"order-{n}") for n in range(3_000)])
+        read, write = os.pipe()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "ergon_worker_sdk.cli",
+            "--address",
+            server.address,
+            "flows",
+            "list",
+            "--limit",
+            "3000",
+            stdout=write,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        os.close(write)
+        with os.fdopen(read, "rb", buffering=0) as reader:
+            # The first line or so, then the reader goes away (in a thread: the server this
+            # listing asks runs on this loop).
+            await asyncio.to_thread(reader.read, 100)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    assert "Traceback" not in err.decode()
