@@ -100,6 +100,14 @@ class JournalEntry:
 
 
 @dataclass(frozen=True)
+class FlowPage:
+    """One page of a flow listing, and the token of the next (empty after the last)."""
+
+    flows: list[FlowOutcome]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
 class WorkerInfo:
     """A worker session connected to the server."""
 
@@ -564,21 +572,35 @@ class Client:
         page_size: int = 100,
     ) -> AsyncIterator[FlowOutcome]:
         """Every flow matching the filters, fetched page by page."""
-        statuses = [] if status is None else [status] if isinstance(status, FlowStatus) else status
         token = ""
         while True:
-            request = scheduler_pb2.ListFlowsRequest(
-                statuses=[s.value for s in statuses],
-                flow_type=flow_type or "",
-                page_size=page_size,
-                page_token=token,
+            page = await self.list_flows_page(
+                status=status, flow_type=flow_type, page_size=page_size, page_token=token
             )
-            response = await self._call(self._scheduler.ListFlows, request)
-            for info in response.flows:
-                yield self.outcome(info)
-            token = response.next_page_token
+            for outcome in page.flows:
+                yield outcome
+            token = page.next_page_token
             if not token:
                 return
+
+    async def list_flows_page(
+        self,
+        *,
+        status: FlowStatus | Sequence[FlowStatus] | None = None,
+        flow_type: str | None = None,
+        page_size: int = 100,
+        page_token: str = "",
+    ) -> FlowPage:
+        """One page of the flows matching the filters, oldest first, from `page_token` on."""
+        statuses = [] if status is None else [status] if isinstance(status, FlowStatus) else status
+        request = scheduler_pb2.ListFlowsRequest(
+            statuses=[s.value for s in statuses],
+            flow_type=flow_type or "",
+            page_size=page_size,
+            page_token=page_token,
+        )
+        response = await self._call(self._scheduler.ListFlows, request)
+        return FlowPage([self.outcome(info) for info in response.flows], response.next_page_token)
 
     async def history(self, flow_id: str) -> list[JournalEntry]:
         """The flow's whole journal, in recording order."""

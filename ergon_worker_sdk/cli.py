@@ -28,7 +28,6 @@ from typing import Any
 
 from ergon_worker_sdk._client import Client, FlowOutcome, FlowStatus, TlsConfig, channel_target
 from ergon_worker_sdk.errors import ErgonError, RpcError
-from ergon_worker_sdk.proto.ergon.v1 import scheduler_pb2
 
 # Exit statuses; argparse exits 2 on a usage error.
 EXIT_OK = 0
@@ -112,18 +111,17 @@ async def flows_list(client: Client, out: Output, args: argparse.Namespace) -> i
     """List flows oldest first, filtered, at most --limit; say on stderr when more match."""
     found: list[FlowOutcome] = []
     token: str = args.page_token or ""
-    # Page by page here rather than with `Client.list_flows`: the token after the last row
-    # shown is what lets the next listing carry on from it.
+    # Page by page rather than with `Client.list_flows`: the token after the last row shown is
+    # what lets the next listing carry on from it.
     while True:
-        request = scheduler_pb2.ListFlowsRequest(
-            statuses=[FlowStatus[s.upper()].value for s in args.status or []],
-            flow_type=args.type or "",
+        page = await client.list_flows_page(
+            status=[FlowStatus[s.upper()] for s in args.status or []],
+            flow_type=args.type or None,
             page_size=min(args.limit - len(found), _PAGE_SIZE),
             page_token=token,
         )
-        response = await client._call(client._scheduler.ListFlows, request)
-        found += [client.outcome(info) for info in response.flows]
-        token = response.next_page_token
+        found += page.flows
+        token = page.next_page_token
         if not token or len(found) >= args.limit:
             break
     if out.as_json:
