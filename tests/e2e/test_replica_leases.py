@@ -114,21 +114,30 @@ async def running_flow(
             await worker.close()
 
 
-async def test_a_lease_another_replica_expires_is_revoked_where_its_worker_is(
-    database: str,
-) -> None:
+def holder_and_expirer(holder_db: str, expirer_db: str) -> tuple[ErgonTestServer, ErgonTestServer]:
+    """Two replicas with 1 s leases: the holder (of the worker) never scans for expired
+    leases, so only the expirer can expire them."""
     leases = {"lease_ttl_ms": 1_000, "heartbeat_interval_ms": 500}
-    async with (
-        # The replica holding the worker never scans for expired leases: only the other does.
+    return (
         ErgonTestServer(
-            database,
+            holder_db,
             allow_unregistered_flow_types=True,
             expiry_scan_interval_ms=3_600_000,
             **leases,
-        ) as holder,
+        ),
         ErgonTestServer(
-            database, allow_unregistered_flow_types=True, expiry_scan_interval_ms=50, **leases
-        ) as expirer,
+            expirer_db, allow_unregistered_flow_types=True, expiry_scan_interval_ms=50, **leases
+        ),
+    )
+
+
+async def test_a_lease_another_replica_expires_is_revoked_where_its_worker_is(
+    database: str,
+) -> None:
+    holder_server, expirer_server = holder_and_expirer(database, database)
+    async with (
+        holder_server as holder,
+        expirer_server as expirer,
         running_flow(holder, "f1") as (worker, assignment),
     ):
         # No heartbeats: the lease lapses, the other replica re-queues the flow, and the
@@ -204,19 +213,12 @@ async def test_what_a_replica_missed_while_its_listener_was_away_reaches_the_wor
 async def test_a_lease_expired_while_the_holder_s_listener_was_away_is_revoked_after(
     database: str,
 ) -> None:
-    leases = {"lease_ttl_ms": 1_000, "heartbeat_interval_ms": 500}
     upstream = urlsplit(database)
     with TcpProxy(f"{upstream.hostname}:{upstream.port or 5432}") as proxy:
+        holder_server, other_server = holder_and_expirer(through(proxy, database), database)
         async with (
-            ErgonTestServer(
-                through(proxy, database),
-                allow_unregistered_flow_types=True,
-                expiry_scan_interval_ms=3_600_000,
-                **leases,
-            ) as holder,
-            ErgonTestServer(
-                database, allow_unregistered_flow_types=True, expiry_scan_interval_ms=50, **leases
-            ) as other,
+            holder_server as holder,
+            other_server as other,
             running_flow(holder, "f1") as (worker, assignment),
             grpc.aio.insecure_channel(other.address) as channel,
         ):

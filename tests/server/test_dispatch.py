@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,23 +30,8 @@ from ergon_server.model import (
     NewFlow,
     StepRecord,
 )
-from ergon_server.storage import create_store
 from ergon_server.storage.base import Store
-from tests.support.postgres import temporary_database_sync
 from tests.support.processes import eventually
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    with contextlib.ExitStack() as stack:
-        if request.param == "postgres":
-            url = stack.enter_context(temporary_database_sync("ergon_dispatch"))
-        else:
-            url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'd.db'}"
-        store = create_store(url)
-        await store.open()
-        yield store
-        await store.close()
 
 
 @pytest.fixture

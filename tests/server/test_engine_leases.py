@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
 from ergon_server.clock import ManualClock
 from ergon_server.engine import Engine, EngineConfig
-from ergon_server.engine.sessions import AckOut, HeartbeatIn, RevokeOut
+from ergon_server.engine.sessions import AckOut, HeartbeatIn, RevokeOut, Session
 from ergon_server.errors import StoreUnavailableError
 from ergon_server.model import FlowStatus, NewFlow
-from ergon_server.storage import create_store
 from ergon_server.storage.base import Store
-from tests.support.postgres import temporary_database_sync
 
 TTL_MS = 15_000
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    with contextlib.ExitStack() as stack:
-        if request.param == "postgres":
-            url = stack.enter_context(temporary_database_sync("ergon_leases"))
-        else:
-            url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'l.db'}"
-        store = create_store(url)
-        await store.open()
-        yield store
-        await store.close()
 
 
 async def test_an_expiry_scan_re_queues_every_expired_lease_a_batch_at_a_time(
@@ -64,13 +45,26 @@ async def test_an_expiry_scan_re_queues_every_expired_lease_a_batch_at_a_time(
     assert await engine.expire_leases(limit=3) == 0
 
 
-async def test_after_a_store_outage_live_workers_keep_their_leases(store: Store) -> None:
-    """Heartbeats could not renew leases while the store was down: that expires none."""
-    clock = ManualClock()
+def heartbeating_engine(store: Store, clock: ManualClock) -> Engine:
+    """An engine on `store` and `clock` whose workers heartbeat every 5 s."""
     config = EngineConfig(
         allow_unregistered_flow_types=True, lease_ttl_ms=TTL_MS, heartbeat_interval_ms=5_000
     )
-    engine = Engine(store, clock, config)
+    return Engine(store, clock, config)
+
+
+async def heartbeat_refused(engine: Engine, session: Session, clock: ManualClock, seq: int) -> None:
+    """5 s on, the session's heartbeat, refused: the store is down."""
+    clock.advance(5_000)
+    await engine.handle_worker_events(session, [HeartbeatIn(seq)])
+    (ack,) = await session.next_batch()
+    assert isinstance(ack, AckOut) and ack.reason == "STORE_UNAVAILABLE", ack
+
+
+async def test_after_a_store_outage_live_workers_keep_their_leases(store: Store) -> None:
+    """Heartbeats could not renew leases while the store was down: that expires none."""
+    clock = ManualClock()
+    engine = heartbeating_engine(store, clock)
     await engine.schedule_flows([NewFlow("f1", "T", b""), NewFlow("f2", "T", b"")])
     session, _ = await engine.open_session("w", ["T"], 1, 1, [])
     now = clock.now_ms()
@@ -81,10 +75,7 @@ async def test_after_a_store_outage_live_workers_keep_their_leases(store: Store)
     await store.close()
     # Down for two lease TTLs; the worker heartbeats all along, and every renewal fails.
     for seq in range(1, 8):
-        clock.advance(5_000)
-        await engine.handle_worker_events(session, [HeartbeatIn(seq)])
-        (ack,) = await session.next_batch()
-        assert isinstance(ack, AckOut) and ack.reason == "STORE_UNAVAILABLE", ack
+        await heartbeat_refused(engine, session, clock, seq)
     with pytest.raises(StoreUnavailableError):
         await engine.scan_expired_leases()
     await store.open()
@@ -122,10 +113,7 @@ async def test_a_lease_that_ran_out_before_an_outage_expires_in_the_grace_after_
     """The grace after an outage is for leases the outage kept from renewing, not for a worker
     that was already gone: else outages recurring within a TTL would keep its flows forever."""
     clock = ManualClock()
-    config = EngineConfig(
-        allow_unregistered_flow_types=True, lease_ttl_ms=TTL_MS, heartbeat_interval_ms=5_000
-    )
-    engine = Engine(store, clock, config)
+    engine = heartbeating_engine(store, clock)
     await engine.schedule_flows([NewFlow("dead", "T", b""), NewFlow("live", "T", b"")])
     session, _ = await engine.open_session("w", ["T"], 1, 1, [])
     now = clock.now_ms()
@@ -135,10 +123,7 @@ async def test_a_lease_that_ran_out_before_an_outage_expires_in_the_grace_after_
     (mine,) = await store.claim_flows(session.session_id, ["T"], 1, now + TTL_MS, now)
     engine.dispatcher.adopt(session, mine.flow_id, mine.lease_token)
     await store.close()
-    clock.advance(5_000)
-    await engine.handle_worker_events(session, [HeartbeatIn(1)])
-    (ack,) = await session.next_batch()
-    assert isinstance(ack, AckOut) and ack.reason == "STORE_UNAVAILABLE", ack
+    await heartbeat_refused(engine, session, clock, 1)
     await store.open()
     await engine.scan_expired_leases()
     dead, live = await store.get_flow(gone.flow_id), await store.get_flow(mine.flow_id)
