@@ -238,21 +238,17 @@ class FlowContext:
             self._branches.add(task)
             task.add_done_callback(self._branches.discard)
 
-    def cancel_branches(self) -> list[asyncio.Task[Any]]:
-        """Cancel the flow's other tasks still running, and refuse any later call from one."""
+    async def stop_branches(self, timeout_s: float = 5.0) -> None:
+        """Cancel the flow's other tasks and wait (bounded) until they have stopped.
+
+        From then on, a call from a task of the flow is refused. The flow's end must not
+        leave a step body running: its result would be refused, and a retry of the flow
+        would run the same step beside it.
+        """
         self._closed = True
         running = [task for task in self._branches if not task.done()]
         for task in running:
             task.cancel()
-        return running
-
-    async def stop_branches(self, timeout_s: float = 5.0) -> None:
-        """Cancel the flow's other tasks and wait (bounded) until they have stopped.
-
-        The flow's end must not leave a step body running: its result would be refused,
-        and a retry of the flow would run the same step beside it.
-        """
-        running = self.cancel_branches()
         if running:
             _, stuck = await asyncio.wait(running, timeout=timeout_s)
             if stuck:

@@ -217,23 +217,21 @@ class Worker:
     def _park_soon(self, flow_id: str, lease_token: int, error: BaseException) -> None:
         # Not given back: it would come straight back to fail the same way, in a loop. Parked,
         # the server retries it with a growing delay (and `ergon flows show` gives the error).
-        if self._stream is None:
-            return
         failure = failure_from_exception(error)
         failure.reason = "WORKER_ERROR"
         park = worker_pb2.Park(flow_id=flow_id, lease_token=lease_token, failure=failure)
-        task = self._stream.request_soon(worker_pb2.WorkerEvent(park=park))
-        # Refused when the lease moved on meanwhile: nothing is left to do here then.
-        task.add_done_callback(ignore_refusal)
+        self._end_lease_soon(worker_pb2.WorkerEvent(park=park))
 
     def _give_back(self, flow_id: str, lease_token: int) -> None:
         # The flow stopped here without an end the server took: its lease would otherwise be
         # renewed by this session's heartbeats forever. Released, it runs again elsewhere.
+        self._end_lease_soon(_release_event(flow_id, lease_token))
+
+    def _end_lease_soon(self, event: worker_pb2.WorkerEvent) -> None:
         if self._stream is None:
             return
-        task = self._stream.request_soon(_release_event(flow_id, lease_token))
-        # A refused give-back (the lease moved on meanwhile) is what we wanted anyway.
-        task.add_done_callback(ignore_refusal)
+        # Refused when the lease moved on meanwhile: what was wanted, or nothing left to do.
+        self._stream.request_soon(event).add_done_callback(ignore_refusal)
 
     def _context(self, assignment: worker_pb2.Assignment) -> FlowContext:
         return FlowContext(
